@@ -1,0 +1,328 @@
+"""Public batch-norm functions: validate, canonicalise the layout, allocate, dispatch.
+
+Kernels see two canonical views: ``(N, C, S)`` for channels-first memory and
+``(R, C)`` for channels-last memory (or a spatial size of 1).  Which one is used
+follows x's memory order, not only the declared layout, so a channels-last
+array passed with ``layout="NCHW"`` (a transposed view) is processed in place
+without a copy, like PyTorch's channels_last memory format.  Outputs are
+allocated in the same memory order as x.
+"""
+
+import math
+
+import numpy as np
+
+from . import _backend
+from ._checks import (check_eps, check_float_array, check_like, check_momentum, check_out,
+                      check_training_size, check_vector, check_x)
+from .fold import fold_affine
+
+
+# ---------------------------------------------------------------- canonical views
+
+def _kind(x, axis):
+    """'ncs' for an (N, C, S) view, 'rc' for an (R, C) view."""
+    C = x.shape[axis]
+    S = math.prod(x.shape) // (x.shape[0] * C) if x.size else 0
+    if S == 1 or x.ndim == 2:
+        return "rc"
+    if C > 1:
+        big = [abs(s) for s, n in zip(x.strides, x.shape) if n > 1]
+        if abs(x.strides[axis]) == min(big):
+            return "rc"
+    return "ncs"
+
+
+def _moved(a, axis, kind):
+    return np.moveaxis(a, axis, 1 if kind == "ncs" else -1)
+
+
+def _canonical_shape(a, axis, kind):
+    C = a.shape[axis]
+    if kind == "ncs":
+        return a.shape[0], C, math.prod(a.shape) // (a.shape[0] * C)
+    return math.prod(a.shape) // C, C
+
+
+def _view(a, axis, kind):
+    """The canonical view of ``a`` without copying, or None when strides forbid it."""
+    try:
+        return _moved(a, axis, kind).reshape(_canonical_shape(a, axis, kind), copy=False)
+    except ValueError:
+        return None
+
+
+def _input(a, axis, kind):
+    v = _view(a, axis, kind)
+    if v is None:
+        v = np.ascontiguousarray(_moved(a, axis, kind)).reshape(_canonical_shape(a, axis, kind))
+    return v
+
+
+def _output(x, axis, kind, out):
+    """Return (result, view the kernel writes, out to copy into afterwards or None)."""
+    if out is not None:
+        v = _view(out, axis, kind)
+        if v is not None:
+            return out, v, None
+    moved_shape = _moved(x, axis, kind).shape
+    v = np.empty(_canonical_shape(x, axis, kind), dtype=x.dtype)
+    y = np.moveaxis(v.reshape(moved_shape), 1 if kind == "ncs" else -1, axis)
+    return y, v, out
+
+
+def _finish(y, pending_out):
+    if pending_out is None:
+        return y
+    np.copyto(pending_out, y)
+    return pending_out
+
+
+def _split(center, dtype):
+    """Split a float64 centre into x's dtype plus a float64 remainder.
+
+    ``x - hi`` is exact for x near the centre, so the kernel can work in x's dtype
+    and the remainder is folded into the shift, without float32 cancellation.
+    """
+    hi = center.astype(dtype)
+    return hi, center - hi
+
+
+def _prepare(x, axis):
+    kind = _kind(x, axis)
+    return kind, _input(x, axis, kind)
+
+
+def _affine(x, axis, center, scale, shift, out, prepared=None):
+    """y = (x - center) * scale + shift per channel, computed in x's dtype."""
+    K, nt = _backend.kernels()
+    kind, xv = prepared or _prepare(x, axis)
+    hi, lo = _split(center, x.dtype)
+    shift = shift - lo * scale
+    y, yv, pending = _output(x, axis, kind, out)
+    if x.size:
+        f = K.affine_nchw if kind == "ncs" else K.affine_nhwc
+        f(xv, hi, scale.astype(x.dtype), shift.astype(x.dtype), yv, nt)
+    return _finish(y, pending)
+
+
+def _f64(a, C, default):
+    return np.full(C, default) if a is None else a.astype(np.float64)
+
+
+# ---------------------------------------------------------------- public functions
+
+def batch_norm_train(x, gamma=None, beta=None, *, running_mean=None, running_var=None,
+                     momentum=0.1, eps=1e-5, unbiased=True, layout="NCHW", out=None):
+    """Batch-norm training forward: normalise x with its own batch statistics.
+
+    Parameters
+    ----------
+    x : ndarray, float32 or float64, rank 2-5
+        ``(N, C, ...)`` for ``layout="NCHW"``, ``(N, ..., C)`` for ``"NHWC"``.
+    gamma, beta : ndarray (C,), optional
+        Scale and shift; None means 1 and 0 (``affine=False``).
+    running_mean, running_var : ndarray (C,), optional
+        Updated in place, ``r = (1 - momentum) * r + momentum * batch_stat``;
+        ``running_var`` receives the unbiased variance when ``unbiased=True``
+        (PyTorch) and the biased one otherwise (ONNX, Keras, Flax).
+    momentum : float in [0, 1]
+    eps : float > 0
+    unbiased : bool
+    layout : {"NCHW", "NHWC"}
+    out : ndarray, optional
+        Preallocated output of x's shape and dtype; may be x itself.
+
+    Returns
+    -------
+    y : ndarray, x's shape and dtype
+    mean, invstd : ndarray (C,), x's dtype
+        Batch mean and ``1 / sqrt(biased_var + eps)``, for the backward pass.
+
+    Examples
+    --------
+    >>> x = np.random.default_rng(0).standard_normal((8, 3, 4, 4), dtype=np.float32)
+    >>> y, mean, invstd = batch_norm_train(x)
+    >>> bool(abs(y.mean()) < 1e-5)
+    True
+    """
+    x, axis, C = check_x(x, layout)
+    gamma = check_vector("gamma", gamma, x, C, layout)
+    beta = check_vector("beta", beta, x, C, layout)
+    if (running_mean is None) != (running_var is None):
+        given = "running_mean" if running_var is None else "running_var"
+        raise ValueError(f"{given} was given without its partner: pass both running_mean "
+                         f"and running_var, or neither")
+    running_mean = check_vector("running_mean", running_mean, x, C, layout, writeable=True)
+    running_var = check_vector("running_var", running_var, x, C, layout, writeable=True)
+    momentum = check_momentum(momentum)
+    eps = check_eps(eps)
+    if not isinstance(unbiased, (bool, np.bool_)):
+        raise TypeError(f"unbiased={unbiased!r} must be True or False")
+    out = check_out(out, x, x)
+    check_training_size(x, axis)
+
+    K, nt = _backend.kernels()
+    kind, xv = prepared = _prepare(x, axis)
+    mean = np.empty(C)
+    var = np.empty(C)
+    (K.stats_nchw if kind == "ncs" else K.stats_nhwc)(xv, mean, var, nt)
+    invstd = 1.0 / np.sqrt(var + eps)
+    scale = invstd * _f64(gamma, C, 1.0)
+    y = _affine(x, axis, mean, scale, _f64(beta, C, 0.0), out, prepared)
+
+    if running_mean is not None:
+        n = x.size // C
+        batch_var = var * (n / (n - 1)) if unbiased else var
+        running_mean[...] = (1.0 - momentum) * running_mean + momentum * mean
+        running_var[...] = (1.0 - momentum) * running_var + momentum * batch_var
+    return y, mean.astype(x.dtype), invstd.astype(x.dtype)
+
+
+def batch_norm_infer(x, gamma, beta, running_mean, running_var, *, eps=1e-5,
+                     layout="NCHW", out=None):
+    """Batch-norm inference: normalise x with running statistics.
+
+    ``y = (x - running_mean) / sqrt(running_var + eps) * gamma + beta`` per channel.
+
+    Parameters
+    ----------
+    x : ndarray, float32 or float64, rank 2-5
+    gamma, beta : ndarray (C,) or None (1 and 0)
+    running_mean, running_var : ndarray (C,)
+    eps : float > 0
+    layout : {"NCHW", "NHWC"}
+    out : ndarray, optional; may be x itself for in-place inference.
+
+    Returns
+    -------
+    y : ndarray, x's shape and dtype
+
+    Examples
+    --------
+    >>> x = np.ones((2, 3, 4), dtype=np.float32)
+    >>> y = batch_norm_infer(x, None, None, np.ones(3), np.ones(3), eps=1e-5)
+    >>> float(abs(y).max())
+    0.0
+    """
+    x, axis, C = check_x(x, layout)
+    gamma = check_vector("gamma", gamma, x, C, layout)
+    beta = check_vector("beta", beta, x, C, layout)
+    for name, stat in (("running_mean", running_mean), ("running_var", running_var)):
+        if stat is None:
+            raise ValueError(f"{name} is required for inference (got None)")
+    running_mean = check_vector("running_mean", running_mean, x, C, layout)
+    running_var = check_vector("running_var", running_var, x, C, layout)
+    eps = check_eps(eps)
+    out = check_out(out, x, x)
+    scale = _f64(gamma, C, 1.0) / np.sqrt(running_var.astype(np.float64) + eps)
+    return _affine(x, axis, running_mean.astype(np.float64), scale, _f64(beta, C, 0.0), out)
+
+
+def apply_affine(x, scale, shift, *, layout="NCHW", out=None):
+    """Apply a per-channel affine ``y = x * scale + shift`` (folded inference).
+
+    Parameters
+    ----------
+    x : ndarray, float32 or float64, rank 2-5
+    scale, shift : ndarray (C,), e.g. from :func:`fold_affine`
+    layout : {"NCHW", "NHWC"}
+    out : ndarray, optional; may be x itself.
+
+    Examples
+    --------
+    >>> x = np.ones((2, 3), dtype=np.float32)
+    >>> apply_affine(x, np.full(3, 2.0), np.zeros(3)).tolist()
+    [[2.0, 2.0, 2.0], [2.0, 2.0, 2.0]]
+    """
+    x, axis, C = check_x(x, layout)
+    for name, v in (("scale", scale), ("shift", shift)):
+        if v is None:
+            raise ValueError(f"{name} is required (got None)")
+    scale = check_vector("scale", scale, x, C, layout)
+    shift = check_vector("shift", shift, x, C, layout)
+    out = check_out(out, x, x)
+    return _affine(x, axis, np.zeros(C), scale.astype(np.float64), shift.astype(np.float64),
+                   out)
+
+
+def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, training=True, layout="NCHW",
+                        out=None):
+    """Gradients of batch norm with respect to x, gamma and beta.
+
+    Parameters
+    ----------
+    dy : ndarray, x's shape and dtype
+        Gradient of the loss with respect to y.
+    x : ndarray, the forward input
+    mean, invstd : ndarray (C,)
+        As returned by :func:`batch_norm_train`; for ``training=False`` (frozen
+        statistics, BN in eval mode) pass ``running_mean`` and
+        ``1 / sqrt(running_var + eps)``.
+    gamma : ndarray (C,) or None
+        None means ``affine=False``: dgamma and dbeta are returned as None.
+    training : bool
+        True: mean and invstd are functions of x (batch statistics).
+        False: they are constants.
+    layout : {"NCHW", "NHWC"}
+    out : ndarray, optional; preallocated dx (may be dy itself).
+
+    Returns
+    -------
+    dx : ndarray, x's shape and dtype
+    dgamma, dbeta : ndarray (C,) in x's dtype, or None when gamma is None
+
+    Examples
+    --------
+    >>> x = np.random.default_rng(0).standard_normal((8, 3), dtype=np.float64)
+    >>> y, mean, invstd = batch_norm_train(x)
+    >>> dx, dg, db = batch_norm_backward(np.ones_like(x), x, mean, invstd, np.ones(3))
+    >>> bool(abs(dx).max() < 1e-12)
+    True
+    """
+    x, axis, C = check_x(x, layout)
+    dy = check_like("dy", check_float_array("dy", dy), x)
+    for name, v in (("mean", mean), ("invstd", invstd)):
+        if v is None:
+            raise ValueError(f"{name} is required (got None)")
+    mean = check_vector("mean", mean, x, C, layout)
+    invstd = check_vector("invstd", invstd, x, C, layout)
+    gamma = check_vector("gamma", gamma, x, C, layout)
+    if not isinstance(training, (bool, np.bool_)):
+        raise TypeError(f"training={training!r} must be True or False")
+    out = check_out(out, x, x, dy)
+
+    K, nt = _backend.kernels()
+    invstd = invstd.astype(np.float64)
+    g = _f64(gamma, C, 1.0)
+    a = g * invstd
+    if not training and gamma is None:
+        return _affine(dy, axis, np.zeros(C), a, np.zeros(C), out), None, None
+
+    kind, xv = _prepare(x, axis)
+    dyv = _input(dy, axis, kind)
+    hi, lo = _split(mean.astype(np.float64), x.dtype)
+    sdy = np.zeros(C)
+    sdyx = np.zeros(C)
+    if x.size:
+        (K.dsum_nchw if kind == "ncs" else K.dsum_nhwc)(dyv, xv, hi, sdy, sdyx, nt)
+    sdyx -= lo * sdy  # sum(dy * (x - mean)) from sums about the rounded mean
+
+    if training:
+        n = max(1, x.size // C)
+        b = -a * invstd * invstd * sdyx / n
+        d = -a * sdy / n - lo * b
+        y, yv, pending = _output(x, axis, kind, out)
+        if x.size:
+            (K.dx_nchw if kind == "ncs" else K.dx_nhwc)(
+                dyv, xv, hi, a.astype(x.dtype), b.astype(x.dtype), d.astype(x.dtype), yv, nt)
+        dx = _finish(y, pending)
+    else:
+        dx = _affine(dy, axis, np.zeros(C), a, np.zeros(C), out)
+    if gamma is None:
+        return dx, None, None
+    return dx, (sdyx * invstd).astype(x.dtype), sdy.astype(x.dtype)
+
+
+__all__ = ["batch_norm_train", "batch_norm_infer", "batch_norm_backward", "apply_affine",
+           "fold_affine"]

@@ -1,0 +1,114 @@
+"""Which kernel module serves the public API, and with how many threads.
+
+Every backend module exposes the same kernel names and signatures (see
+``_numba.py``), plus ``get_num_threads``/``set_num_threads``.
+"""
+
+import importlib
+import os
+import warnings
+
+MODULES = {"numba": "bn_fast._numba", "cython": "bn_fast._cython", "numpy": "bn_fast.reference"}
+AUTO_ORDER = ("numba", "cython", "numpy")
+
+_loaded = {}     # name -> module, for backends imported so far
+_errors = {}     # name -> why it could not be imported
+_current = None  # (name, module)
+_threads = None  # what set_num_threads asked for; None means every core
+
+
+def _import(name):
+    if name in _loaded:
+        return _loaded[name]
+    if name in _errors:
+        raise ImportError(_errors[name])
+    try:
+        module = importlib.import_module(MODULES[name])
+    except Exception as exc:  # ImportError, or a broken install raising something else
+        _errors[name] = f"{type(exc).__name__}: {exc}"
+        raise ImportError(_errors[name]) from exc
+    _loaded[name] = module
+    if _threads is not None:
+        module.set_num_threads(_threads)
+    return module
+
+
+def available_backends():
+    """Names of the backends that can be imported here, in auto-selection order."""
+    names = []
+    for name in AUTO_ORDER:
+        try:
+            _import(name)
+        except ImportError:
+            continue
+        names.append(name)
+    return names
+
+
+def set_backend(name):
+    """Use backend ``name`` ("auto", "numba", "cython" or "numpy") for every later call."""
+    global _current
+    if name is None or name == "auto":
+        for candidate in AUTO_ORDER:
+            try:
+                module = _import(candidate)
+            except ImportError:
+                continue
+            if candidate == "numpy":
+                warnings.warn(
+                    "bn_fast: neither Numba nor the compiled Cython extension is available "
+                    f"({_errors.get('numba')}; {_errors.get('cython')}); using the slow NumPy "
+                    "reference backend", RuntimeWarning, stacklevel=2)
+            _current = (candidate, module)
+            return candidate
+    if name not in MODULES:
+        raise ValueError(f"unknown backend {name!r}; expected 'auto' or one of "
+                         f"{list(MODULES)} (available here: {available_backends()})")
+    try:
+        module = _import(name)
+    except ImportError as exc:
+        raise ValueError(f"backend {name!r} is not available: {exc} "
+                         f"(available here: {available_backends()})") from None
+    _current = (name, module)
+    return name
+
+
+def get_backend():
+    """Name of the backend in use."""
+    if _current is None:
+        set_backend(os.environ.get("BN_FAST_BACKEND", "auto"))
+    return _current[0]
+
+
+def kernels():
+    """The kernel module in use and the thread count to split work for."""
+    if _current is None:
+        get_backend()
+    module = _current[1]
+    nthreads = max_threads() if _threads is None else _threads
+    if module.get_num_threads() != nthreads:
+        # Numba's setting is per Python thread: make each calling thread agree.
+        module.set_num_threads(nthreads)
+    return module, nthreads
+
+
+def max_threads():
+    if "numba" in _loaded:
+        return _loaded["numba"].max_threads()
+    return os.cpu_count() or 1
+
+
+def set_num_threads(n):
+    """Use ``n`` threads (1 to the number of cores) in every compiled backend."""
+    global _threads
+    limit = max_threads()
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= limit:
+        raise ValueError(f"n={n!r} must be an integer from 1 to {limit} (the cores available)")
+    _threads = n
+    for module in _loaded.values():
+        module.set_num_threads(n)
+
+
+def get_num_threads():
+    """The number of threads the kernels use."""
+    return max_threads() if _threads is None else _threads

@@ -1,0 +1,300 @@
+"""Numba kernels on canonical views.
+
+Channels-first tensors of any rank arrive as ``(N, C, S)`` views, channels-last
+ones (and anything whose spatial size is 1) as ``(R, C)`` views.  Kernels write
+into preallocated outputs; the per-channel algebra between them (invstd, the
+folded scale and shift, the backward coefficients) is done by the caller on
+arrays of length C.  ``nthreads`` says into how many parts reductions are split;
+it never changes results beyond float rounding, and a fixed value gives
+bit-identical results.
+
+Reductions accumulate in float64.  Variances are merged from blocks small
+enough to stay in L1: each block is summed twice (mean, then centred squares)
+and blocks are combined with Chan's parallel formula, so x is read from memory
+once for the statistics and E[x^2] - E[x]^2 cancellation never happens.
+
+Loops live in small helpers: inside a prange body Numba keeps scalar
+accumulators in memory and LLVM does not vectorise them; index ranges come from
+slices because a provably non-negative index is what lets LLVM vectorise.
+"""
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+# No 'nnan'/'ninf': NaN in x must reach y.  'reassoc' lets LLVM vectorise sums.
+_FM = {"reassoc", "contract", "nsz", "arcp"}
+_PAR = dict(parallel=True, cache=True, nogil=True, fastmath=_FM)
+_SEQ = dict(cache=True, nogil=True, fastmath=_FM)
+BLOCK = 4096  # elements per statistics block: 16-32 KiB, stays in L1
+
+
+def max_threads():
+    return numba.config.NUMBA_NUM_THREADS
+
+
+def get_num_threads():
+    return numba.get_num_threads()
+
+
+def set_num_threads(n):
+    numba.set_num_threads(n)
+
+
+# ---------------------------------------------------------------- helpers
+
+@njit(**_SEQ)
+def _batches(N, C, nthreads):
+    # Split the batch too when there are too few channels to keep every thread busy.
+    if C >= 4 * nthreads:
+        return 1
+    return max(1, min(N, (4 * nthreads + C - 1) // C))
+
+
+@njit(**_SEQ)
+def _pieces(P, S, nthreads):
+    # Cut each of P planes into pieces when there are too few planes to balance threads.
+    return max(1, min(S // 1024, (8 * nthreads + P - 1) // P))
+
+
+@njit(**_SEQ)
+def _merge(na, ma, qa, nb, mb, qb):
+    n = na + nb
+    d = mb - ma
+    f = nb / n
+    return n, ma + d * f, qa + qb + d * d * na * f
+
+
+@njit(**_SEQ)
+def _moments(v):
+    s = 0.0
+    for i in range(v.shape[0]):
+        s += v[i]
+    m = s / v.shape[0]
+    q = 0.0
+    for i in range(v.shape[0]):
+        d = v[i] - m
+        q += d * d
+    return m, q
+
+
+@njit(**_SEQ)
+def _plane_moments(v, n_, m_, q_):
+    for lo in range(0, v.shape[0], BLOCK):
+        w = v[lo:lo + BLOCK]
+        m, q = _moments(w)
+        n_, m_, q_ = _merge(n_, m_, q_, float(w.shape[0]), m, q)
+    return n_, m_, q_
+
+
+@njit(**_SEQ)
+def _block_moments(xb, bm, bq, pm, pq, na):
+    """Merge the column moments of a block of rows into running (pm, pq) over na rows."""
+    nr = xb.shape[0]
+    C = xb.shape[1]
+    bm[:] = 0.0
+    for r in range(nr):
+        for c in range(C):
+            bm[c] += xb[r, c]
+    for c in range(C):
+        bm[c] /= nr
+    bq[:] = 0.0
+    for r in range(nr):
+        for c in range(C):
+            d = xb[r, c] - bm[c]
+            bq[c] += d * d
+    f = nr / (na + nr)
+    for c in range(C):
+        d = bm[c] - pm[c]
+        pm[c] += d * f
+        pq[c] += bq[c] + d * d * na * f
+
+
+@njit(**_SEQ)
+def _reduce_moments(pn, pm, pq, mean, var):
+    for c in range(pn.shape[1]):
+        n_, m_, q_ = pn[0, c], pm[0, c], pq[0, c]
+        for b in range(1, pn.shape[0]):
+            if pn[b, c] > 0:
+                n_, m_, q_ = _merge(n_, m_, q_, pn[b, c], pm[b, c], pq[b, c])
+        mean[c] = m_
+        var[c] = q_ / n_
+
+
+@njit(**_SEQ)
+def _reduce_sums(p, out):
+    # Serial on purpose: array expressions in a parallel function become nested parfors.
+    for c in range(p.shape[1]):
+        acc = 0.0
+        for b in range(p.shape[0]):
+            acc += p[b, c]
+        out[c] = acc
+
+
+@njit(**_SEQ)
+def _dsums(g, v, m):
+    s1 = 0.0
+    s2 = 0.0
+    for s in range(v.shape[0]):
+        s1 += g[s]
+        s2 += g[s] * (v[s] - m)
+    return s1, s2
+
+
+@njit(**_SEQ)
+def _block_dsums(gb, vb, mean, p1, p2):
+    for r in range(vb.shape[0]):
+        for c in range(vb.shape[1]):
+            p1[c] += gb[r, c]
+            p2[c] += gb[r, c] * (vb[r, c] - mean[c])
+
+
+@njit(**_SEQ)
+def _affine(v, m, a, b, o):
+    for s in range(v.shape[0]):
+        o[s] = (v[s] - m) * a + b
+
+
+@njit(**_SEQ)
+def _affine_cols(v, m, a, b, o):
+    for c in range(v.shape[0]):
+        o[c] = (v[c] - m[c]) * a[c] + b[c]
+
+
+@njit(**_SEQ)
+def _dx(g, v, m, a, b, d, o):
+    for s in range(v.shape[0]):
+        o[s] = g[s] * a + (v[s] - m) * b + d
+
+
+@njit(**_SEQ)
+def _dx_cols(g, v, m, a, b, d, o):
+    for c in range(v.shape[0]):
+        o[c] = g[c] * a[c] + (v[c] - m[c]) * b[c] + d[c]
+
+
+# ---------------------------------------------------------------- kernels
+
+@njit(**_PAR)
+def stats_nchw(x, mean, var, nthreads):
+    """Per-channel mean and biased variance of an (N, C, S) view into float64 mean, var."""
+    N, C, S = x.shape
+    nb = _batches(N, C, nthreads)
+    pn = np.zeros((nb, C))
+    pm = np.zeros((nb, C))
+    pq = np.zeros((nb, C))
+    for t in prange(nb * C):
+        b = t // C
+        c = t - b * C
+        n_, m_, q_ = 0.0, 0.0, 0.0
+        for n in range(b * N // nb, (b + 1) * N // nb):
+            n_, m_, q_ = _plane_moments(x[n, c], n_, m_, q_)
+        pn[b, c] = n_
+        pm[b, c] = m_
+        pq[b, c] = q_
+    _reduce_moments(pn, pm, pq, mean, var)
+
+
+@njit(**_PAR)
+def stats_nhwc(x, mean, var, nthreads):
+    """Per-channel mean and biased variance of an (R, C) view into float64 mean, var."""
+    R, C = x.shape
+    nt = max(1, min(nthreads, R))
+    rows = max(8, BLOCK // C)
+    pn = np.zeros((nt, C))
+    pm = np.zeros((nt, C))
+    pq = np.zeros((nt, C))
+    for k in prange(nt):
+        bm = np.empty(C)
+        bq = np.empty(C)
+        na = 0.0
+        r1 = (k + 1) * R // nt
+        for r0 in range(k * R // nt, r1, rows):
+            xb = x[r0:min(r0 + rows, r1)]
+            _block_moments(xb, bm, bq, pm[k], pq[k], na)
+            na += xb.shape[0]
+        pn[k, :] = na
+    _reduce_moments(pn, pm, pq, mean, var)
+
+
+@njit(**_PAR)
+def affine_nchw(x, center, scale, shift, y, nthreads):
+    """y = (x - center[c]) * scale[c] + shift[c] on (N, C, S) views; y may be x."""
+    N, C, S = x.shape
+    k = _pieces(N * C, S, nthreads)
+    for t in prange(N * C * k):
+        p = t // k
+        j = t - p * k
+        n = p // C
+        c = p - n * C
+        lo, hi = j * S // k, (j + 1) * S // k
+        _affine(x[n, c, lo:hi], center[c], scale[c], shift[c], y[n, c, lo:hi])
+
+
+@njit(**_PAR)
+def affine_nhwc(x, center, scale, shift, y, nthreads):
+    """y = (x - center[c]) * scale[c] + shift[c] on (R, C) views; y may be x."""
+    R, C = x.shape
+    k = max(1, min(R, 8 * nthreads))
+    for j in prange(k):
+        for r in range(j * R // k, (j + 1) * R // k):
+            _affine_cols(x[r], center, scale, shift, y[r])
+
+
+@njit(**_PAR)
+def dsum_nchw(dy, x, mean, sdy, sdyx, nthreads):
+    """Per-channel sum(dy) and sum(dy * (x - mean)) of (N, C, S) views, into float64."""
+    N, C, S = x.shape
+    nb = _batches(N, C, nthreads)
+    p1 = np.zeros((nb, C))
+    p2 = np.zeros((nb, C))
+    for t in prange(nb * C):
+        b = t // C
+        c = t - b * C
+        a1, a2 = 0.0, 0.0
+        for n in range(b * N // nb, (b + 1) * N // nb):
+            s1, s2 = _dsums(dy[n, c], x[n, c], mean[c])
+            a1 += s1
+            a2 += s2
+        p1[b, c] = a1
+        p2[b, c] = a2
+    _reduce_sums(p1, sdy)
+    _reduce_sums(p2, sdyx)
+
+
+@njit(**_PAR)
+def dsum_nhwc(dy, x, mean, sdy, sdyx, nthreads):
+    """Per-channel sum(dy) and sum(dy * (x - mean)) of (R, C) views, into float64."""
+    R, C = x.shape
+    nt = max(1, min(nthreads, R))
+    p1 = np.zeros((nt, C))
+    p2 = np.zeros((nt, C))
+    for k in prange(nt):
+        r0, r1 = k * R // nt, (k + 1) * R // nt
+        _block_dsums(dy[r0:r1], x[r0:r1], mean, p1[k], p2[k])
+    _reduce_sums(p1, sdy)
+    _reduce_sums(p2, sdyx)
+
+
+@njit(**_PAR)
+def dx_nchw(dy, x, mean, a, b, d, dx, nthreads):
+    """dx = dy * a[c] + (x - mean[c]) * b[c] + d[c] on (N, C, S) views; dx may be dy."""
+    N, C, S = x.shape
+    k = _pieces(N * C, S, nthreads)
+    for t in prange(N * C * k):
+        p = t // k
+        j = t - p * k
+        n = p // C
+        c = p - n * C
+        lo, hi = j * S // k, (j + 1) * S // k
+        _dx(dy[n, c, lo:hi], x[n, c, lo:hi], mean[c], a[c], b[c], d[c], dx[n, c, lo:hi])
+
+
+@njit(**_PAR)
+def dx_nhwc(dy, x, mean, a, b, d, dx, nthreads):
+    """dx = dy * a[c] + (x - mean[c]) * b[c] + d[c] on (R, C) views; dx may be dy."""
+    R, C = x.shape
+    k = max(1, min(R, 8 * nthreads))
+    for j in prange(k):
+        for r in range(j * R // k, (j + 1) * R // k):
+            _dx_cols(dy[r], x[r], mean, a, b, d, dx[r])
