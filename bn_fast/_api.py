@@ -13,10 +13,17 @@ import math
 import numpy as np
 
 from . import _backend
-from ._checks import (check_eps, check_float_array, check_like, check_momentum, check_out,
-                      check_training_size, check_vector, check_x)
+from ._checks import (
+    check_eps,
+    check_float_array,
+    check_like,
+    check_momentum,
+    check_out,
+    check_training_size,
+    check_vector,
+    check_x,
+)
 from .fold import fold_affine
-
 
 # ---------------------------------------------------------------- canonical views
 

@@ -41,13 +41,13 @@ def check_float_array(name, a):
         a = np.asarray(a)
         if a.dtype.kind in "iub":
             a = a.astype(np.float64)
+    if not a.dtype.isnative:
+        raise TypeError(f"{name} has non-native byte order {a.dtype.str!r}; "
+                        f"convert with {name}.astype({name}.dtype.newbyteorder('='))")
     if a.dtype not in FLOATS:
         raise TypeError(
             f"{name} has dtype {a.dtype}, expected float32 or float64 "
             f"(convert with {name}.astype(np.float32))")
-    if not a.dtype.isnative:
-        raise TypeError(f"{name} has non-native byte order {a.dtype.str!r}; "
-                        f"convert with {name}.astype({name}.dtype.newbyteorder('='))")
     return a
 
 

@@ -1,0 +1,319 @@
+"""Every public function against the NumPy reference, on every backend."""
+
+import numpy as np
+import pytest
+from conftest import tol
+from helpers import DTYPES, LAYOUTS, SHAPES, channels, make_params, make_x, strided_variants
+
+import bn_fast as bnf
+from bn_fast import reference as ref
+
+CASES = [(s, d, lay) for s in SHAPES for d in DTYPES for lay in LAYOUTS]
+IDS = [f"{'x'.join(map(str, s))}-{np.dtype(d).name}-{lay}" for s, d, lay in CASES]
+
+
+def assert_close(actual, desired, dtype, scale=1.0):
+    rtol, atol = tol(dtype)
+    np.testing.assert_allclose(actual, desired, rtol=rtol * scale, atol=atol * scale)
+
+
+@pytest.mark.parametrize("shape,dtype,layout", CASES, ids=IDS)
+@pytest.mark.parametrize("affine", [True, False])
+def test_train(backend, rng, shape, dtype, layout, affine):
+    x = make_x(rng, shape, dtype, layout)
+    gamma, beta, rm, rv = make_params(rng, channels(x, layout), dtype)
+    if not affine:
+        gamma = beta = None
+    rm2, rv2, x0 = rm.copy(), rv.copy(), x.copy()
+    y, mean, invstd = bnf.batch_norm_train(x, gamma, beta, running_mean=rm, running_var=rv,
+                                           momentum=0.3, layout=layout)
+    yr, mr, sr = ref.batch_norm_train(x, gamma, beta, running_mean=rm2, running_var=rv2,
+                                      momentum=0.3, layout=layout)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    assert mean.dtype == x.dtype and mean.shape == (channels(x, layout),)
+    assert invstd.dtype == x.dtype and invstd.shape == mean.shape
+    assert_close(y, yr, dtype, 10)
+    assert_close(mean, mr, dtype)
+    assert_close(invstd, sr, dtype)
+    assert_close(rm, rm2, dtype)
+    assert_close(rv, rv2, dtype)
+    np.testing.assert_array_equal(x, x0)
+
+
+@pytest.mark.parametrize("shape,dtype,layout", CASES, ids=IDS)
+def test_infer(backend, rng, shape, dtype, layout):
+    x = make_x(rng, shape, dtype, layout)
+    gamma, beta, rm, rv = make_params(rng, channels(x, layout), dtype)
+    y = bnf.batch_norm_infer(x, gamma, beta, rm, rv, eps=1e-3, layout=layout)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    assert_close(y, ref.batch_norm_infer(x, gamma, beta, rm, rv, eps=1e-3, layout=layout),
+                 dtype, 10)
+    y0 = bnf.batch_norm_infer(x, None, None, rm, rv, layout=layout)
+    assert_close(y0, ref.batch_norm_infer(x, None, None, rm, rv, layout=layout), dtype, 10)
+
+
+@pytest.mark.parametrize("shape,dtype,layout", CASES, ids=IDS)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+def test_backward(backend, rng, shape, dtype, layout, training, affine):
+    x = make_x(rng, shape, dtype, layout)
+    dy = make_x(rng, shape, dtype, layout, loc=0.5, scale=1.0)
+    gamma, _, _, _ = make_params(rng, channels(x, layout), dtype)
+    gamma = gamma if affine else None
+    _, mean, invstd = ref.batch_norm_train(x, layout=layout)
+    got = bnf.batch_norm_backward(dy, x, mean, invstd, gamma, training=training, layout=layout)
+    want = ref.batch_norm_backward(dy, x, mean, invstd, gamma, training=training, layout=layout)
+    assert got[0].dtype == x.dtype and got[0].shape == x.shape
+    n = x.size // channels(x, layout)
+    assert_close(got[0], want[0], dtype, 10)
+    if affine:
+        assert got[1].dtype == x.dtype and got[2].dtype == x.dtype
+        assert_close(got[1], want[1], dtype, 10 * n)
+        assert_close(got[2], want[2], dtype, 10 * n)
+    else:
+        assert got[1] is None and got[2] is None
+
+
+@pytest.mark.parametrize("shape,dtype,layout", CASES, ids=IDS)
+def test_fold_and_apply_affine(backend, rng, shape, dtype, layout):
+    x = make_x(rng, shape, dtype, layout)
+    gamma, beta, rm, rv = make_params(rng, channels(x, layout), dtype)
+    scale, shift = bnf.fold_affine(gamma, beta, rm, rv, eps=1e-4)
+    rscale, rshift = ref.fold_affine(gamma, beta, rm, rv, eps=1e-4)
+    assert scale.dtype == dtype and shift.dtype == dtype
+    assert_close(scale, rscale, dtype)
+    assert_close(shift, rshift, dtype)
+    y = bnf.apply_affine(x, scale, shift, layout=layout)
+    assert_close(y, ref.apply_affine(x, scale, shift, layout=layout), dtype, 10)
+    # The folded affine is inference.
+    assert_close(y, ref.batch_norm_infer(x, gamma, beta, rm, rv, eps=1e-4, layout=layout),
+                 dtype, 100)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 4, 5, 6), (2, 3, 4, 5, 3), (5, 6, 7)])
+def test_non_contiguous_inputs_match_contiguous(backend, rng, shape, dtype, layout):
+    x = make_x(rng, shape, dtype, layout)
+    dy = make_x(rng, shape, dtype, layout, loc=0.0)
+    gamma, beta, rm, rv = make_params(rng, channels(x, layout), dtype)
+    y, mean, invstd = bnf.batch_norm_train(x, gamma, beta, layout=layout)
+    yi = bnf.batch_norm_infer(x, gamma, beta, rm, rv, layout=layout)
+    dx, dg, db = bnf.batch_norm_backward(dy, x, mean, invstd, gamma, layout=layout)
+    xs, dys = strided_variants(x, layout), strided_variants(dy, layout)
+    for name, xv in xs.items():
+        np.testing.assert_array_equal(xv, x)
+        y2, mean2, invstd2 = bnf.batch_norm_train(xv, gamma, beta, layout=layout)
+        assert_close(y2, y, dtype, 10)
+        assert_close(mean2, mean, dtype)
+        assert_close(bnf.batch_norm_infer(xv, gamma, beta, rm, rv, layout=layout), yi, dtype)
+        dx2, dg2, db2 = bnf.batch_norm_backward(dys[name], xv, mean, invstd, gamma,
+                                                layout=layout)
+        assert_close(dx2, dx, dtype, 10)
+        assert_close(dg2, dg, dtype, 100)
+        assert_close(db2, db, dtype, 100)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_out_and_in_place(backend, rng, dtype, layout):
+    x = make_x(rng, (3, 4, 5, 6), dtype, layout)
+    gamma, beta, rm, rv = make_params(rng, channels(x, layout), dtype)
+    want = bnf.batch_norm_infer(x, gamma, beta, rm, rv, layout=layout)
+
+    out = np.empty_like(x)
+    assert bnf.batch_norm_infer(x, gamma, beta, rm, rv, layout=layout, out=out) is out
+    np.testing.assert_array_equal(out, want)
+
+    inplace = x.copy()
+    assert bnf.batch_norm_infer(inplace, gamma, beta, rm, rv, layout=layout,
+                                out=inplace) is inplace
+    np.testing.assert_array_equal(inplace, want)
+
+    scale, shift = bnf.fold_affine(gamma, beta, rm, rv)
+    inplace = x.copy()
+    assert bnf.apply_affine(inplace, scale, shift, layout=layout, out=inplace) is inplace
+    assert_close(inplace, want, dtype, 100)
+
+    # out in a different memory order than x (written through a temporary).
+    fout = np.asfortranarray(np.empty_like(x))
+    assert bnf.batch_norm_infer(x, gamma, beta, rm, rv, layout=layout, out=fout) is fout
+    np.testing.assert_array_equal(fout, want)
+
+    y, mean, invstd = bnf.batch_norm_train(x, gamma, beta, layout=layout)
+    out = np.empty_like(x)
+    assert bnf.batch_norm_train(x, gamma, beta, layout=layout, out=out)[0] is out
+    np.testing.assert_array_equal(out, y)
+    inplace = x.copy()
+    bnf.batch_norm_train(inplace, gamma, beta, layout=layout, out=inplace)
+    np.testing.assert_array_equal(inplace, y)
+
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    dx, _, _ = bnf.batch_norm_backward(dy, x, mean, invstd, gamma, layout=layout)
+    out = np.empty_like(x)
+    assert bnf.batch_norm_backward(dy, x, mean, invstd, gamma, layout=layout, out=out)[0] is out
+    np.testing.assert_array_equal(out, dx)
+    inplace = dy.copy()
+    bnf.batch_norm_backward(inplace, x, mean, invstd, gamma, layout=layout, out=inplace)
+    np.testing.assert_array_equal(inplace, dx)
+
+
+def _loss_train(x, gamma, beta, w, layout):
+    return float((ref.batch_norm_train(x, gamma, beta, layout=layout)[0] * w).sum())
+
+
+def _numeric_grad(f, a, h=1e-6):
+    g = np.zeros_like(a)
+    for i in np.ndindex(a.shape):
+        old = a[i]
+        a[i] = old + h
+        up = f()
+        a[i] = old - h
+        down = f()
+        a[i] = old
+        g[i] = (up - down) / (2 * h)
+    return g
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", [(4, 3), (2, 3, 5), (2, 2, 3, 2)])
+def test_backward_matches_finite_differences(backend, rng, shape, layout):
+    x = make_x(rng, shape, np.float64, layout)
+    w = make_x(rng, shape, np.float64, layout, loc=0.0)
+    gamma, beta, _, _ = make_params(rng, channels(x, layout), np.float64)
+    _, mean, invstd = bnf.batch_norm_train(x, gamma, beta, layout=layout)
+    dx, dg, db = bnf.batch_norm_backward(w, x, mean, invstd, gamma, layout=layout)
+
+    def loss():
+        return _loss_train(x, gamma, beta, w, layout)
+    np.testing.assert_allclose(dx, _numeric_grad(loss, x), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(dg, _numeric_grad(loss, gamma), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(db, _numeric_grad(loss, beta), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_frozen_backward_matches_finite_differences(backend, rng, layout):
+    x = make_x(rng, (3, 4, 5), np.float64, layout)
+    w = make_x(rng, (3, 4, 5), np.float64, layout, loc=0.0)
+    gamma, beta, rm, rv = make_params(rng, 4, np.float64)
+    invstd = 1 / np.sqrt(rv + 1e-5)
+    dx, dg, db = bnf.batch_norm_backward(w, x, rm, invstd, gamma, training=False, layout=layout)
+
+    def loss():
+        return float((ref.batch_norm_infer(x, gamma, beta, rm, rv, layout=layout) * w).sum())
+    np.testing.assert_allclose(dx, _numeric_grad(loss, x), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(dg, _numeric_grad(loss, gamma), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(db, _numeric_grad(loss, beta), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_running_stats_by_hand(backend, dtype, layout):
+    # Channel 0 holds 1, 2, 3, 4 (mean 2.5, biased var 1.25, unbiased var 5/3);
+    # channel 1 holds 10, 10, 10, 14 (mean 11, biased var 3, unbiased var 4).
+    x = np.array([[[1, 2], [10, 10]], [[3, 4], [10, 14]]], dtype=dtype)  # (N=2, C=2, L=2)
+    if layout == "NHWC":
+        x = np.ascontiguousarray(x.transpose(0, 2, 1))
+    for unbiased, var in ((True, [5 / 3, 4.0]), (False, [1.25, 3.0])):
+        rm = np.array([1.0, -1.0], dtype)
+        rv = np.array([1.0, 2.0], dtype)
+        _, mean, invstd = bnf.batch_norm_train(x, running_mean=rm, running_var=rv, momentum=0.25,
+                                               eps=1e-5, unbiased=unbiased, layout=layout)
+        np.testing.assert_allclose(mean, [2.5, 11.0], rtol=1e-6)
+        np.testing.assert_allclose(invstd, 1 / np.sqrt(np.array([1.25, 3.0]) + 1e-5), rtol=1e-6)
+        np.testing.assert_allclose(rm, [0.75 * 1 + 0.25 * 2.5, 0.75 * -1 + 0.25 * 11], rtol=1e-6)
+        np.testing.assert_allclose(rv, [0.75 * 1 + 0.25 * var[0], 0.75 * 2 + 0.25 * var[1]],
+                                   rtol=1e-6)
+
+
+def test_momentum_extremes(backend, rng):
+    x = make_x(rng, (4, 3, 5), np.float64)
+    rm, rv = np.full(3, 7.0), np.full(3, 9.0)
+    bnf.batch_norm_train(x, running_mean=rm, running_var=rv, momentum=0.0)
+    np.testing.assert_array_equal(rm, 7.0)
+    np.testing.assert_array_equal(rv, 9.0)
+    _, mean, _ = bnf.batch_norm_train(x, running_mean=rm, running_var=rv, momentum=1.0,
+                                      unbiased=False)
+    np.testing.assert_allclose(rm, mean)
+    np.testing.assert_allclose(rv, x.var(axis=(0, 2)))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_nan_propagates(backend, rng, layout):
+    x = make_x(rng, (4, 3, 5, 5), np.float32, layout)
+    bad = (1, 2, 3, 0) if layout == "NCHW" else (1, 3, 0, 2)  # channel 2 either way
+    x[bad] = np.nan
+    y, mean, _ = bnf.batch_norm_train(x, layout=layout)
+    yc = np.moveaxis(y, 1, -1) if layout == "NCHW" else y
+    assert np.isnan(yc[..., 2]).all() and np.isfinite(yc[..., :2]).all()
+    assert np.isnan(mean[2]) and np.isfinite(mean[:2]).all()
+    yi = bnf.batch_norm_infer(x, None, None, np.zeros(3, np.float32), np.ones(3, np.float32),
+                              layout=layout)
+    assert np.isnan(yi[bad]) and np.isfinite(yi).sum() == yi.size - 1
+
+
+def test_mixed_precision_parameters_allowed(backend, rng):
+    x = make_x(rng, (4, 3, 5), np.float32)
+    g64, b64, rm64, rv64 = make_params(rng, 3, np.float64)
+    y = bnf.batch_norm_infer(x, g64, b64, rm64, rv64)
+    assert y.dtype == np.float32
+    assert_close(y, ref.batch_norm_infer(x, g64, b64, rm64, rv64), np.float32, 10)
+    y, mean, invstd = bnf.batch_norm_train(x, g64, b64, running_mean=rm64, running_var=rv64)
+    assert y.dtype == mean.dtype == invstd.dtype == np.float32
+
+
+def test_large_offset_float32_is_accurate(backend, rng):
+    # float32 data far from zero: the normalisation must not cancel catastrophically.
+    x = (1e4 + 1e-2 * rng.standard_normal((16, 3, 32, 32))).astype(np.float32)
+    y, mean, invstd = bnf.batch_norm_train(x)
+    yr, _, sr = ref.batch_norm_train(x)
+    np.testing.assert_allclose(invstd, sr, rtol=1e-3)
+    np.testing.assert_allclose(y, yr, atol=2e-3)
+    yi = bnf.batch_norm_infer(x, None, None, x.astype(np.float64).mean((0, 2, 3)),
+                              x.astype(np.float64).var((0, 2, 3)))
+    np.testing.assert_allclose(yi, yr, atol=2e-3)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_repeated_calls_are_bit_identical(backend, rng, layout):
+    x = make_x(rng, (8, 5, 33, 31), np.float32, layout)
+    dy = make_x(rng, (8, 5, 33, 31), np.float32, layout, loc=0.0)
+    first = bnf.batch_norm_train(x, layout=layout)
+    grads = bnf.batch_norm_backward(dy, x, first[1], first[2], np.ones(5, np.float32),
+                                    layout=layout)
+    for _ in range(3):
+        again = bnf.batch_norm_train(x, layout=layout)
+        for a, b in zip(first, again):
+            np.testing.assert_array_equal(a, b)
+        for a, b in zip(grads, bnf.batch_norm_backward(dy, x, first[1], first[2],
+                                                       np.ones(5, np.float32), layout=layout)):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_empty_batch_inference(backend, layout):
+    x = np.zeros((0, 3, 4, 4) if layout == "NCHW" else (0, 4, 4, 3), np.float32)
+    y = bnf.batch_norm_infer(x, None, None, np.zeros(3), np.ones(3), layout=layout)
+    assert y.shape == x.shape and y.dtype == x.dtype
+
+
+def test_layouts_agree_on_rank2(backend, rng):
+    x = make_x(rng, (9, 4), np.float64)
+    a = bnf.batch_norm_train(x, layout="NCHW")
+    b = bnf.batch_norm_train(x, layout="NHWC")
+    for u, v in zip(a, b):
+        np.testing.assert_allclose(u, v, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("nthreads", [1, 2])
+def test_thread_counts_give_the_same_results(backend, rng, nthreads):
+    before = bnf.get_num_threads()
+    x = make_x(rng, (4, 3, 40, 40), np.float64)
+    try:
+        bnf.set_num_threads(min(nthreads, before))
+        y, mean, invstd = bnf.batch_norm_train(x)
+    finally:
+        bnf.set_num_threads(before)
+    yr, mr, sr = ref.batch_norm_train(x)
+    assert_close(y, yr, np.float64, 10)
+    assert_close(mean, mr, np.float64)
