@@ -28,27 +28,33 @@ from .fold import fold_affine
 # ---------------------------------------------------------------- canonical views
 
 def _kind(x, axis):
-    """'ncs' for an (N, C, S) view, 'rc' for an (R, C) view."""
+    """'ncs' for an (N, C, S) view, 'rc' for an (R, C) view, following x's memory order."""
     C = x.shape[axis]
-    S = math.prod(x.shape) // (x.shape[0] * C) if x.size else 0
-    if S == 1 or x.ndim == 2:
+    S = math.prod(n for i, n in enumerate(x.shape) if i not in (0, axis))
+    if S == 1:
         return "rc"
     if C > 1:
-        big = [abs(s) for s, n in zip(x.strides, x.shape) if n > 1]
+        big = [abs(st) for st, n in zip(x.strides, x.shape) if n > 1]
         if abs(x.strides[axis]) == min(big):
             return "rc"
     return "ncs"
 
 
+def _target(a, kind):
+    return 1 if kind == "ncs" else a.ndim - 1
+
+
 def _moved(a, axis, kind):
-    return np.moveaxis(a, axis, 1 if kind == "ncs" else -1)
+    target = _target(a, kind)
+    return a if axis == target else np.moveaxis(a, axis, target)
 
 
 def _canonical_shape(a, axis, kind):
     C = a.shape[axis]
+    rest = math.prod(n for i, n in enumerate(a.shape) if i != axis)
     if kind == "ncs":
-        return a.shape[0], C, math.prod(a.shape) // (a.shape[0] * C)
-    return math.prod(a.shape) // C, C
+        return a.shape[0], C, rest // a.shape[0] if a.shape[0] else 0
+    return rest, C
 
 
 def _view(a, axis, kind):
@@ -67,15 +73,20 @@ def _input(a, axis, kind):
 
 
 def _output(x, axis, kind, out):
-    """Return (result, view the kernel writes, out to copy into afterwards or None)."""
+    """Return (result, view the kernel writes, out to copy into afterwards or None).
+
+    A new result gets x's memory order: channels-last memory stays channels-last.
+    """
     if out is not None:
         v = _view(out, axis, kind)
         if v is not None:
             return out, v, None
-    moved_shape = _moved(x, axis, kind).shape
-    v = np.empty(_canonical_shape(x, axis, kind), dtype=x.dtype)
-    y = np.moveaxis(v.reshape(moved_shape), 1 if kind == "ncs" else -1, axis)
-    return y, v, out
+    target = _target(x, kind)
+    if axis == target:
+        y = np.empty(x.shape, dtype=x.dtype)
+        return y, y.reshape(_canonical_shape(x, axis, kind)), out
+    moved = np.empty(_moved(x, axis, kind).shape, dtype=x.dtype)
+    return np.moveaxis(moved, target, axis), moved.reshape(_canonical_shape(x, axis, kind)), out
 
 
 def _finish(y, pending_out):
@@ -102,7 +113,7 @@ def _prepare(x, axis):
 
 def _affine(x, axis, center, scale, shift, out, prepared=None):
     """y = (x - center) * scale + shift per channel, computed in x's dtype."""
-    K, nt = _backend.kernels()
+    K, nt = _backend.kernels(x.size)
     kind, xv = prepared or _prepare(x, axis)
     hi, lo = _split(center, x.dtype)
     shift = shift - lo * scale
@@ -169,7 +180,7 @@ def batch_norm_train(x, gamma=None, beta=None, *, running_mean=None, running_var
     out = check_out(out, x, x)
     check_training_size(x, axis)
 
-    K, nt = _backend.kernels()
+    K, nt = _backend.kernels(x.size)
     kind, xv = prepared = _prepare(x, axis)
     mean = np.empty(C)
     var = np.empty(C)
@@ -299,7 +310,7 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, training=True, layou
         raise TypeError(f"training={training!r} must be True or False")
     out = check_out(out, x, x, dy)
 
-    K, nt = _backend.kernels()
+    K, nt = _backend.kernels(x.size)
     invstd = invstd.astype(np.float64)
     g = _f64(gamma, C, 1.0)
     a = g * invstd

@@ -18,6 +18,9 @@ accumulators in memory and LLVM does not vectorise them; index ranges come from
 slices because a provably non-negative index is what lets LLVM vectorise.
 """
 
+import functools
+import types
+
 import numba
 import numpy as np
 from numba import njit, prange
@@ -27,6 +30,26 @@ _FM = {"reassoc", "contract", "nsz", "arcp"}
 _PAR = dict(parallel=True, cache=True, nogil=True, fastmath=_FM)
 _SEQ = dict(cache=True, nogil=True, fastmath=_FM)
 BLOCK = 4096  # elements per statistics block: 16-32 KiB, stays in L1
+
+
+def _kernel(fn):
+    """Compile ``fn`` twice from one source: parallel, and serial for ``nthreads == 1``.
+
+    Small inputs are run with one thread, where starting the thread pool would cost
+    more than the work.  The serial copy gets its own name so that the two do not
+    share an on-disk cache entry.
+    """
+    twin = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial")
+    twin.__qualname__ = fn.__qualname__ + "_serial"
+    parallel = njit(**_PAR)(fn)
+    serial = njit(**_SEQ)(twin)
+
+    @functools.wraps(fn)
+    def kernel(*args):
+        return (serial if args[-1] == 1 else parallel)(*args)
+    kernel.parallel = parallel
+    kernel.serial = serial
+    return kernel
 
 
 def max_threads():
@@ -156,9 +179,11 @@ def _affine(v, m, a, b, o):
 
 
 @njit(**_SEQ)
-def _affine_cols(v, m, a, b, o):
-    for c in range(v.shape[0]):
-        o[c] = (v[c] - m[c]) * a[c] + b[c]
+def _affine_rows(xb, m, a, b, yb):
+    # Whole blocks of rows: a per-row slice would cost a view (and refcounting) per row.
+    for r in range(xb.shape[0]):
+        for c in range(xb.shape[1]):
+            yb[r, c] = (xb[r, c] - m[c]) * a[c] + b[c]
 
 
 @njit(**_SEQ)
@@ -168,14 +193,15 @@ def _dx(g, v, m, a, b, d, o):
 
 
 @njit(**_SEQ)
-def _dx_cols(g, v, m, a, b, d, o):
-    for c in range(v.shape[0]):
-        o[c] = g[c] * a[c] + (v[c] - m[c]) * b[c] + d[c]
+def _dx_rows(gb, vb, m, a, b, d, ob):
+    for r in range(vb.shape[0]):
+        for c in range(vb.shape[1]):
+            ob[r, c] = gb[r, c] * a[c] + (vb[r, c] - m[c]) * b[c] + d[c]
 
 
 # ---------------------------------------------------------------- kernels
 
-@njit(**_PAR)
+@_kernel
 def stats_nchw(x, mean, var, nthreads):
     """Per-channel mean and biased variance of an (N, C, S) view into float64 mean, var."""
     N, C, S = x.shape
@@ -195,7 +221,7 @@ def stats_nchw(x, mean, var, nthreads):
     _reduce_moments(pn, pm, pq, mean, var)
 
 
-@njit(**_PAR)
+@_kernel
 def stats_nhwc(x, mean, var, nthreads):
     """Per-channel mean and biased variance of an (R, C) view into float64 mean, var."""
     R, C = x.shape
@@ -217,7 +243,7 @@ def stats_nhwc(x, mean, var, nthreads):
     _reduce_moments(pn, pm, pq, mean, var)
 
 
-@njit(**_PAR)
+@_kernel
 def affine_nchw(x, center, scale, shift, y, nthreads):
     """y = (x - center[c]) * scale[c] + shift[c] on (N, C, S) views; y may be x."""
     N, C, S = x.shape
@@ -231,17 +257,17 @@ def affine_nchw(x, center, scale, shift, y, nthreads):
         _affine(x[n, c, lo:hi], center[c], scale[c], shift[c], y[n, c, lo:hi])
 
 
-@njit(**_PAR)
+@_kernel
 def affine_nhwc(x, center, scale, shift, y, nthreads):
     """y = (x - center[c]) * scale[c] + shift[c] on (R, C) views; y may be x."""
     R, C = x.shape
     k = max(1, min(R, 8 * nthreads))
     for j in prange(k):
-        for r in range(j * R // k, (j + 1) * R // k):
-            _affine_cols(x[r], center, scale, shift, y[r])
+        r0, r1 = j * R // k, (j + 1) * R // k
+        _affine_rows(x[r0:r1], center, scale, shift, y[r0:r1])
 
 
-@njit(**_PAR)
+@_kernel
 def dsum_nchw(dy, x, mean, sdy, sdyx, nthreads):
     """Per-channel sum(dy) and sum(dy * (x - mean)) of (N, C, S) views, into float64."""
     N, C, S = x.shape
@@ -262,7 +288,7 @@ def dsum_nchw(dy, x, mean, sdy, sdyx, nthreads):
     _reduce_sums(p2, sdyx)
 
 
-@njit(**_PAR)
+@_kernel
 def dsum_nhwc(dy, x, mean, sdy, sdyx, nthreads):
     """Per-channel sum(dy) and sum(dy * (x - mean)) of (R, C) views, into float64."""
     R, C = x.shape
@@ -276,7 +302,7 @@ def dsum_nhwc(dy, x, mean, sdy, sdyx, nthreads):
     _reduce_sums(p2, sdyx)
 
 
-@njit(**_PAR)
+@_kernel
 def dx_nchw(dy, x, mean, a, b, d, dx, nthreads):
     """dx = dy * a[c] + (x - mean[c]) * b[c] + d[c] on (N, C, S) views; dx may be dy."""
     N, C, S = x.shape
@@ -290,11 +316,11 @@ def dx_nchw(dy, x, mean, a, b, d, dx, nthreads):
         _dx(dy[n, c, lo:hi], x[n, c, lo:hi], mean[c], a[c], b[c], d[c], dx[n, c, lo:hi])
 
 
-@njit(**_PAR)
+@_kernel
 def dx_nhwc(dy, x, mean, a, b, d, dx, nthreads):
     """dx = dy * a[c] + (x - mean[c]) * b[c] + d[c] on (R, C) views; dx may be dy."""
     R, C = x.shape
     k = max(1, min(R, 8 * nthreads))
     for j in prange(k):
-        for r in range(j * R // k, (j + 1) * R // k):
-            _dx_cols(dy[r], x[r], mean, a, b, d, dx[r])
+        r0, r1 = j * R // k, (j + 1) * R // k
+        _dx_rows(dy[r0:r1], x[r0:r1], mean, a, b, d, dx[r0:r1])
