@@ -8,6 +8,7 @@ from ._api import (apply_affine, batch_norm_backward, batch_norm_infer, batch_no
                    fold_affine)
 from ._backend import (available_backends, get_backend, get_num_threads, set_backend,
                        set_num_threads)
+from .fold import fold_bn_conv, fold_conv_bn
 from .layer import BatchNorm
 
 __version__ = "0.1.0"
@@ -20,6 +21,8 @@ __all__ = [
     "batch_norm_infer",
     "batch_norm_train",
     "fold_affine",
+    "fold_bn_conv",
+    "fold_conv_bn",
     "get_backend",
     "get_num_threads",
     "set_backend",
