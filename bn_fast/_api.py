@@ -23,7 +23,6 @@ from ._checks import (
     check_vector,
     check_x,
 )
-from .fold import fold_affine
 
 # ---------------------------------------------------------------- canonical views
 
@@ -342,5 +341,4 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, training=True, layou
     return dx, (sdyx * invstd).astype(x.dtype), sdy.astype(x.dtype)
 
 
-__all__ = ["batch_norm_train", "batch_norm_infer", "batch_norm_backward", "apply_affine",
-           "fold_affine"]
+__all__ = ["batch_norm_train", "batch_norm_infer", "batch_norm_backward", "apply_affine"]
