@@ -1,0 +1,282 @@
+"""``python -m bn_fast bench``: time bn_fast against its NumPy reference and PyTorch.
+
+Every case is one operation (training forward, inference, backward) on one shape in
+one layout.  Times are medians of repeated calls, each allocating its output, after
+one untimed warm-up call (so Numba's compilation is never timed).  The fraction of
+memory bandwidth compares the least traffic the operation needs with a plain
+``np.copyto`` of a large array measured in the same run.
+"""
+
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+import bn_fast as bnf
+
+# Logical (N, C, ...) shapes; NHWC arrays are built channels-last, (N, ..., C).
+SHAPES = [(32, 64, 112, 112), (32, 256, 56, 56), (32, 2048, 7, 7), (8, 64, 32, 32),
+          (1024, 4096)]
+# Quick: one input larger than a typical L3 cache, one that fits, one 2-D.
+QUICK_SHAPES = [(8, 64, 112, 112), (32, 256, 14, 14), (256, 1024)]
+OPS = ("train", "infer", "backward")
+LAYOUTS = ("NCHW", "NHWC")
+# Least memory traffic, in passes over x: inference reads x and writes y; training
+# reads x twice (statistics, then y) and writes y; backward reads dy and x twice
+# (sums, then dx) and writes dx.
+PASSES = {"train": 3, "infer": 2, "backward": 5}
+COPY_BYTES = 256 * 2**20
+
+
+# ---------------------------------------------------------------- measuring
+
+def median_time(fn, budget, *, min_reps=3, warmup=True):
+    """Median seconds of ``fn()``: at least ``min_reps`` calls and about ``budget`` seconds."""
+    if warmup:
+        fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_reps or time.perf_counter() - start < budget:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(times), "reps": len(times)}
+
+
+def copy_bandwidth(nthreads, budget):
+    """Bytes/s of np.copyto on COPY_BYTES (read + write), best of 1 and ``nthreads`` threads."""
+    src = np.ones(COPY_BYTES // 8)
+    dst = np.zeros_like(src)
+    by_threads = {k: 2 * src.nbytes / _copy_time(dst, src, k, budget)
+                  for k in sorted({1, nthreads})}
+    return max(by_threads.values()), by_threads
+
+
+def _copy_time(dst, src, nthreads, budget):
+    bounds = [i * src.size // nthreads for i in range(nthreads + 1)]
+    parts = [(dst[a:b], src[a:b]) for a, b in zip(bounds, bounds[1:])]
+    with ThreadPoolExecutor(nthreads) as pool:
+        return median_time(lambda: list(pool.map(lambda p: np.copyto(*p), parts)),
+                           budget)["median_s"]
+
+
+def machine_info():
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "bn_fast": bnf.__version__,
+            "numpy": np.__version__, "numba": _version("numba"), "torch": _version("torch")}
+
+
+def _version(dist):
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def import_torch():
+    """(torch, None), or (None, why it cannot be imported)."""
+    try:
+        import torch
+    except Exception as exc:  # ImportError, or a broken install raising something else
+        return None, f"{type(exc).__name__}: {exc}"
+    return torch, None
+
+
+# ---------------------------------------------------------------- cases
+
+class Data:
+    """One (shape, layout, dtype) input with its parameters and backward state."""
+
+    def __init__(self, shape, layout, dtype, rng):
+        self.shape, self.layout = shape, layout
+        arr = shape if layout == "NCHW" or len(shape) == 2 else (shape[0], *shape[2:], shape[1])
+        self.x = rng.standard_normal(arr, dtype=dtype)
+        self.dy = rng.standard_normal(arr, dtype=dtype)
+        C = shape[1]
+        self.gamma = rng.uniform(0.5, 1.5, C).astype(dtype)
+        self.beta = rng.standard_normal(C).astype(dtype)
+        self.running = (np.zeros(C, dtype), np.ones(C, dtype))
+        _, self.mean, self.invstd = bnf.batch_norm_train(self.x, layout=layout)
+
+
+def bn_fast_calls(d):
+    """Callables for each operation on the active bn_fast backend."""
+    rm, rv = (a.copy() for a in d.running)  # updated by every training call
+    return {
+        "train": lambda: bnf.batch_norm_train(d.x, d.gamma, d.beta, running_mean=rm,
+                                              running_var=rv, layout=d.layout),
+        "infer": lambda: bnf.batch_norm_infer(d.x, d.gamma, d.beta, *d.running,
+                                              layout=d.layout),
+        "backward": lambda: bnf.batch_norm_backward(d.dy, d.x, d.mean, d.invstd, d.gamma,
+                                                    training=True, layout=d.layout),
+    }
+
+
+def torch_calls(torch, d, ops):
+    """The same operations with torch.nn.functional.batch_norm on the same memory."""
+    F = torch.nn.functional
+
+    def tensor(a):  # channels-last arrays become (N, C, ...) tensors in channels_last format
+        t = torch.from_numpy(a)
+        return t if d.layout == "NCHW" else t.movedim(-1, 1)
+
+    x, dy = tensor(d.x), tensor(d.dy)
+    gamma, beta = torch.from_numpy(d.gamma), torch.from_numpy(d.beta)
+    rm, rv = (torch.from_numpy(a.copy()) for a in d.running)
+    stats = [torch.from_numpy(a) for a in d.running]
+
+    def train():
+        with torch.no_grad():
+            return F.batch_norm(x, rm, rv, gamma, beta, training=True)
+
+    def infer():
+        with torch.no_grad():
+            return F.batch_norm(x, *stats, gamma, beta, training=False)
+
+    calls = {"train": train, "infer": infer}
+    if "backward" in ops:  # one forward builds the graph; each call runs only its backward
+        leaves = [x.detach().requires_grad_(), gamma.clone().requires_grad_(),
+                  beta.clone().requires_grad_()]
+        y = F.batch_norm(leaves[0], None, None, *leaves[1:], training=True)
+        calls["backward"] = lambda: torch.autograd.grad(y, leaves, dy, retain_graph=True)
+    return calls
+
+
+def run_case(d, ops, backend, torch, budget):
+    """Time ``ops`` on one input; return one result dict per op."""
+    bnf.set_backend(backend)
+    ours = {op: median_time(f, budget) for op, f in bn_fast_calls(d).items() if op in ops}
+    bnf.set_backend("numpy")  # slow on big inputs: no warm-up, as many calls as fit in budget
+    ref = {op: median_time(f, budget, min_reps=1, warmup=False)
+           for op, f in bn_fast_calls(d).items() if op in ops}
+    bnf.set_backend(backend)
+    theirs = {}
+    if torch is not None:
+        theirs = {op: median_time(f, budget) for op, f in torch_calls(torch, d, ops).items()
+                  if op in ops}
+    return [{"op": op, "layout": d.layout, "shape": list(d.shape),
+             "array_shape": list(d.x.shape), "dtype": d.x.dtype.name, "mb": d.x.nbytes / 1e6,
+             "min_bytes": PASSES[op] * d.x.nbytes, "bn_fast": ours[op], "numpy": ref[op],
+             "torch": theirs.get(op)} for op in ops]
+
+
+def add_ratios(r, bandwidth):
+    t = r["bn_fast"]["median_s"]
+    r["speedup_numpy"] = r["numpy"]["median_s"] / t
+    r["speedup_torch"] = r["torch"]["median_s"] / t if r["torch"] else None
+    r["bandwidth_fraction"] = r["min_bytes"] / t / bandwidth
+
+
+def geomean(values):
+    values = [v for v in values if v]
+    return math.exp(sum(map(math.log, values)) / len(values)) if values else None
+
+
+# ---------------------------------------------------------------- report
+
+def _columns(backend, torch):
+    cols = [("op", 8, "{op}"), ("layout", 6, "{layout}"), ("shape", 15, "{shape_s}"),
+            ("MB", 6, "{mb:.1f}"), (f"{backend} ms", 10, "{ours:.3f}"),
+            ("numpy ms (n)", 15, "{ref:.2f} ({ref_n})"), ("x numpy", 7, "{speedup_numpy:.1f}")]
+    if torch is not None:
+        cols += [("torch ms", 9, "{theirs:.3f}"), ("x torch", 7, "{speedup_torch:.2f}")]
+    return cols + [("bw/copy", 7, "{bandwidth_fraction:.2f}")]
+
+
+def format_row(cols, r=None):
+    if r is None:
+        return "  ".join(f"{name:>{w}}" if i > 2 else f"{name:<{w}}"
+                         for i, (name, w, _) in enumerate(cols))
+    values = dict(r, shape_s="x".join(map(str, r["array_shape"])),
+                  ours=1e3 * r["bn_fast"]["median_s"], ref=1e3 * r["numpy"]["median_s"],
+                  ref_n=r["numpy"]["reps"],
+                  theirs=1e3 * r["torch"]["median_s"] if r["torch"] else 0.0)
+    return "  ".join(fmt.format(**values).rjust(w) if i > 2 else fmt.format(**values).ljust(w)
+                     for i, (_, w, fmt) in enumerate(cols))
+
+
+def header(info, cfg):
+    bw = cfg["copy_bandwidth"]
+    copies = ", ".join(f"{k} thread{'s' * (k > 1)} {v / 1e9:.1f}"
+                       for k, v in bw["by_threads"].items())
+    torch = f", torch {info['torch']}" if cfg["torch"] else ""
+    return (f"bn_fast {info['bn_fast']} bench | {info['cpu']}, {info['cores']} cores | "
+            f"numpy {info['numpy']}, numba {info['numba']}{torch}\n"
+            f"backend {cfg['backend']}, {cfg['threads']} threads, {cfg['dtype']} | "
+            f"copy bandwidth {bw['bytes_per_s'] / 1e9:.1f} GB/s "
+            f"(np.copyto of {COPY_BYTES >> 20} MB, GB/s by threads: {copies})")
+
+
+def footer(results, cfg, torch_note):
+    n = len(results)
+    lines = ["", f"geometric mean over {n} case{'s' * (n != 1)}: "
+             f"{geomean(r['speedup_numpy'] for r in results):.1f}x the NumPy reference"]
+    if cfg["torch"]:
+        lines[-1] += f", {geomean(r['speedup_torch'] for r in results):.2f}x PyTorch"
+    lines += [
+        "x numpy, x torch: their time / bn_fast's time (above 1: bn_fast is faster).",
+        "bw/copy: least bytes the op must move / time / copy bandwidth, counting inference 2,",
+        "  training 3 and backward 5 passes over x; above 1 means the data stayed in cache.",
+        f"Times: medians of calls that allocate their output, about {cfg['budget']} s per case "
+        "after a warm-up",
+        "  call; the NumPy reference is not warmed up and gets the calls that fit (n, at least 1).",
+    ]
+    if torch_note:
+        lines.append(f"PyTorch columns omitted: torch is not importable ({torch_note}).")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- command
+
+def bench(*, backend, threads, dtype, quick, shapes, ops, layouts, json_path):
+    """Run the benchmark, print the table, optionally write JSON; return the results."""
+    budget = 0.1 if quick else 0.3
+    shapes = shapes or (QUICK_SHAPES if quick else SHAPES)
+    torch, torch_note = import_torch()
+    if torch is not None:
+        torch.set_num_threads(threads)
+    bandwidth, by_threads = copy_bandwidth(threads, budget)
+    info = machine_info()
+    cfg = {"backend": backend, "threads": threads, "dtype": np.dtype(dtype).name,
+           "quick": quick, "budget": budget, "torch": torch is not None,
+           "copy_bandwidth": {"bytes_per_s": bandwidth, "by_threads": by_threads,
+                              "array_bytes": COPY_BYTES}}
+    print(header(info, cfg), end="\n\n")
+    cols = _columns(backend, torch)
+    print(format_row(cols), flush=True)
+    rng = np.random.default_rng(0)
+    results = []
+    previous = bnf.get_backend()
+    try:
+        for shape in shapes:
+            for layout in layouts:
+                bnf.set_backend(backend)
+                for r in run_case(Data(shape, layout, dtype, rng), ops, backend, torch, budget):
+                    add_ratios(r, bandwidth)
+                    results.append(r)
+                    print(format_row(cols, r), flush=True)
+    finally:
+        bnf.set_backend(previous)
+    print(footer(results, cfg, torch_note))
+    if json_path:
+        summary = {"geomean_speedup_numpy": geomean(r["speedup_numpy"] for r in results),
+                   "geomean_speedup_torch": geomean(r["speedup_torch"] for r in results)}
+        doc = {"machine": info, "config": cfg, "torch_note": torch_note, "results": results,
+               "summary": summary}
+        with open(json_path, "w") as f:
+            json.dump(doc, f, indent=1)
+        print(f"results written to {json_path}", file=sys.stderr)
+    return results
