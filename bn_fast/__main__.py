@@ -1,4 +1,4 @@
-"""``python -m bn_fast``: bench, info, warmup.
+"""``python -m bn_fast``: bench, info, warmup, fold.
 
     python -m bn_fast bench [--quick] [--threads N] [--dtype float32|float64]
                             [--backend NAME] [--json FILE]
@@ -6,6 +6,7 @@
                             [--shapes 32x64x112x112,1024x4096]
     python -m bn_fast info
     python -m bn_fast warmup
+    python -m bn_fast fold IN.onnx OUT.onnx [--check] [-v]   (needs bn_fast[onnx])
 """
 
 import argparse
@@ -17,6 +18,7 @@ import numpy as np
 import bn_fast as bnf
 
 from . import _backend, _bench
+from . import onnx as _onnx
 
 
 def _choices(allowed):
@@ -49,8 +51,8 @@ def _shapes(text):
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="python -m bn_fast",
-                                     description="bn_fast command line: bench, info, warmup")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{bench,info,warmup}")
+                                     description="bn_fast command line: bench, info, warmup, fold")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{bench,info,warmup,fold}")
 
     b = sub.add_parser("bench", help="time bn_fast against the NumPy reference and PyTorch",
                        description="Time training forward, inference and backward on "
@@ -73,6 +75,7 @@ def build_parser():
     sub.add_parser("info", help="versions, backends, threads").set_defaults(run=_run_info)
     sub.add_parser("warmup", help="compile every Numba kernel specialization ahead of time "
                    "(fills the on-disk cache)").set_defaults(run=_run_warmup)
+    _onnx.add_fold_command(sub)
     return parser
 
 
