@@ -100,8 +100,10 @@ def kernels(size):
 
 
 def max_threads():
-    if "numba" in _loaded:
-        return _loaded["numba"].max_threads()
+    """The compiled backend's thread limit (NUMBA_NUM_THREADS, OMP_NUM_THREADS), else the cores."""
+    for name in ("numba", "cython"):
+        if name in _loaded:
+            return _loaded[name].max_threads()
     return os.cpu_count() or 1
 
 

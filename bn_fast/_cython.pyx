@@ -1,0 +1,506 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: initializedcheck=False
+"""Cython + OpenMP kernels: the same names, signatures and work split as ``_numba.py``.
+
+Used when Numba is not installed.  Tensors arrive as canonical views that may be
+strided: channels-first ``(N, C, S)`` and channels-last ``(R, C)``, float32 or
+float64 (one fused type for x, y, dy and the per-channel vectors of the affine
+and dx kernels).  Per-channel vectors are contiguous, as the public API passes
+them.  Reductions accumulate in float64 and write float64 outputs.  Element-wise
+kernels may write in place (y is x, dx is dy): each element is read before it
+is written and no other element depends on it.
+
+Work is split as in ``_numba.py``: channels-first over (batch part, channel)
+pairs, channels-last over row chunks with per-chunk partial sums that are
+reduced once, in a fixed order, so a given ``nthreads`` gives bit-identical
+results.  Each kernel runs ``nthreads`` OpenMP threads.
+
+Variances are merged from blocks small enough to stay in L1: each block is
+summed twice (mean, then centred squares) and blocks are combined with Chan's
+parallel formula, so x is read from memory once for the statistics and
+E[x^2] - E[x]^2 cancellation never happens.
+
+Strides are in bytes, as NumPy gives them.  Every inner loop is written once
+over a byte stride; the callers test for unit stride and pass ``sizeof(floating)``
+literally, so the inlined copy of the loop has a constant stride and the C
+compiler vectorises it (setup.py allows it to reassociate sums, like Numba's
+fastmath, but not to assume away NaN).
+"""
+
+cimport openmp
+from cython.parallel cimport prange
+from libc.math cimport NAN
+
+import numpy as np
+
+ctypedef fused floating:
+    float
+    double
+
+ctypedef struct Moments:  # count, mean and sum of centred squares of some elements
+    double n
+    double m
+    double q
+
+cdef enum:
+    BLOCK = 4096  # elements per statistics block: 16-32 KiB, stays in L1
+cdef int _MAX_THREADS = openmp.omp_get_max_threads()  # before any set: honours OMP_NUM_THREADS
+
+
+def max_threads():
+    return _MAX_THREADS
+
+
+def get_num_threads():
+    return openmp.omp_get_max_threads()
+
+
+def set_num_threads(int n):
+    # Default for OpenMP regions started by this Python thread; the kernels themselves
+    # run with the nthreads they are given.
+    openmp.omp_set_num_threads(n)
+
+
+# ---------------------------------------------------------------- helpers
+
+cdef inline const floating* _in(const floating* p, Py_ssize_t nbytes) noexcept nogil:
+    return <const floating*>(<const char*>p + nbytes)
+
+
+cdef inline floating* _out(floating* p, Py_ssize_t nbytes) noexcept nogil:
+    return <floating*>(<char*>p + nbytes)
+
+
+cdef inline floating _at(const floating* p, Py_ssize_t i, Py_ssize_t stride) noexcept nogil:
+    """Element i of a run with a byte stride."""
+    return _in(p, i * stride)[0]
+
+
+cdef inline Py_ssize_t _batches(Py_ssize_t N, Py_ssize_t C, int nthreads) noexcept nogil:
+    # Split the batch too when there are too few channels to keep every thread busy.
+    if C >= 4 * nthreads:
+        return 1
+    return max(1, min(N, (4 * nthreads + C - 1) // C))
+
+
+cdef inline Py_ssize_t _pieces(Py_ssize_t P, Py_ssize_t S, int nthreads) noexcept nogil:
+    # Cut each of P planes into pieces when there are too few planes to balance threads.
+    return max(1, min(S // 1024, (8 * nthreads + P - 1) // P))
+
+
+cdef inline Moments _no_moments() noexcept nogil:
+    cdef Moments r
+    r.n = r.m = r.q = 0.0
+    return r
+
+
+cdef inline Moments _merge(Moments a, double nb, double mb, double qb) noexcept nogil:
+    """Chan's parallel formula: a merged with nb elements of mean mb and centred squares qb."""
+    cdef Moments r
+    cdef double d = mb - a.m
+    cdef double f = nb / (a.n + nb)
+    r.n = a.n + nb
+    r.m = a.m + d * f
+    r.q = a.q + qb + d * d * a.n * f
+    return r
+
+
+cdef inline Moments _moments_run(const floating* v, Py_ssize_t n, Py_ssize_t sv,
+                                 Moments acc) noexcept nogil:
+    """Merge n elements (one block) into acc: mean first, then centred squares."""
+    cdef Py_ssize_t i
+    cdef double s = 0.0, q = 0.0, m, d
+    for i in range(n):
+        s += _at(v, i, sv)
+    m = s / n
+    for i in range(n):
+        d = _at(v, i, sv) - m
+        q += d * d
+    return _merge(acc, <double>n, m, q)
+
+
+cdef inline Moments _plane_moments(const floating* v, Py_ssize_t n, Py_ssize_t sv,
+                                   Moments acc) noexcept nogil:
+    """Merge a run of n elements into acc, one L1-sized block at a time."""
+    cdef Py_ssize_t blk, lo, w
+    for blk in range((n + BLOCK - 1) // BLOCK):
+        lo = blk * BLOCK
+        w = min(BLOCK, n - lo)
+        if sv == sizeof(floating):
+            acc = _moments_run(_in(v, lo * sv), w, sizeof(floating), acc)
+        else:
+            acc = _moments_run(_in(v, lo * sv), w, sv, acc)
+    return acc
+
+
+# Channels-last reductions add rows into per-column float64 arrays; taking rows in pairs
+# halves the loads and stores of those arrays.  k (1 or 2) is a literal at every call.
+
+cdef inline void _cols_add(const floating* row, Py_ssize_t sr, Py_ssize_t sc, int k, double* acc,
+                           Py_ssize_t C) noexcept nogil:
+    """acc[c] += the sum of k rows, sr bytes apart."""
+    cdef Py_ssize_t c
+    cdef double s
+    for c in range(C):
+        s = _at(row, c, sc)
+        if k == 2:
+            s = s + _at(_in(row, sr), c, sc)
+        acc[c] += s
+
+
+cdef inline void _cols_sq(const floating* row, Py_ssize_t sr, Py_ssize_t sc, int k,
+                          const double* m, double* acc, Py_ssize_t C) noexcept nogil:
+    """acc[c] += the sum of (x - m[c])**2 over k rows, sr bytes apart."""
+    cdef Py_ssize_t c
+    cdef double d, s
+    for c in range(C):
+        d = _at(row, c, sc) - m[c]
+        s = d * d
+        if k == 2:
+            d = _at(_in(row, sr), c, sc) - m[c]
+            s = s + d * d
+        acc[c] += s
+
+
+cdef inline void _block_moments(const floating* xb, Py_ssize_t nr, Py_ssize_t sr, Py_ssize_t sc,
+                                Py_ssize_t C, double* bm, double* bq, double* pm, double* pq,
+                                double na) noexcept nogil:
+    """Merge the column moments of nr rows into running (pm, pq) over na rows."""
+    cdef Py_ssize_t r, c
+    cdef double d, f
+    cdef bint unit = sc == sizeof(floating)
+    cdef const floating* last = _in(xb, (nr - 1) * sr)
+    for c in range(C):
+        bm[c] = 0.0
+        bq[c] = 0.0
+    for r in range(0, nr - 1, 2):
+        if unit:
+            _cols_add(_in(xb, r * sr), sr, sizeof(floating), 2, bm, C)
+        else:
+            _cols_add(_in(xb, r * sr), sr, sc, 2, bm, C)
+    if nr % 2:
+        _cols_add(last, sr, sc, 1, bm, C)
+    for c in range(C):
+        bm[c] /= nr
+    for r in range(0, nr - 1, 2):
+        if unit:
+            _cols_sq(_in(xb, r * sr), sr, sizeof(floating), 2, bm, bq, C)
+        else:
+            _cols_sq(_in(xb, r * sr), sr, sc, 2, bm, bq, C)
+    if nr % 2:
+        _cols_sq(last, sr, sc, 1, bm, bq, C)
+    f = nr / (na + nr)
+    for c in range(C):
+        d = bm[c] - pm[c]
+        pm[c] += d * f
+        pq[c] += bq[c] + d * d * na * f
+
+
+cdef void _reduce_moments(double[:, ::1] pn, double[:, ::1] pm, double[:, ::1] pq,
+                          double[::1] mean, double[::1] var) noexcept nogil:
+    # Fixed order over the partials, so a given thread count gives bit-identical results.
+    cdef Py_ssize_t b, c
+    cdef Moments acc
+    for c in range(pn.shape[1]):
+        acc.n, acc.m, acc.q = pn[0, c], pm[0, c], pq[0, c]
+        for b in range(1, pn.shape[0]):
+            if pn[b, c] > 0:
+                acc = _merge(acc, pn[b, c], pm[b, c], pq[b, c])
+        mean[c] = acc.m
+        var[c] = acc.q / acc.n if acc.n > 0 else NAN
+
+
+cdef void _reduce_sums(double[:, ::1] p, double[::1] out) noexcept nogil:
+    cdef Py_ssize_t b, c
+    cdef double acc
+    for c in range(p.shape[1]):
+        acc = 0.0
+        for b in range(p.shape[0]):
+            acc += p[b, c]
+        out[c] = acc
+
+
+cdef inline void _dsums_run(const floating* g, Py_ssize_t sg, const floating* v, Py_ssize_t sv,
+                            Py_ssize_t n, floating m, double* s1, double* s2) noexcept nogil:
+    # Local accumulators: the compiler keeps them in registers and vectorises the sums.
+    cdef Py_ssize_t i
+    cdef double a1 = 0.0, a2 = 0.0
+    for i in range(n):
+        a1 += _at(g, i, sg)
+        a2 += _at(g, i, sg) * (_at(v, i, sv) - m)
+    s1[0] += a1
+    s2[0] += a2
+
+
+cdef inline void _dsums_cols(const floating* g, Py_ssize_t gr, Py_ssize_t sg, const floating* v,
+                             Py_ssize_t vr, Py_ssize_t sv, int k, const floating* m,
+                             double* p1, double* p2, Py_ssize_t C) noexcept nogil:
+    """p1[c] += sum(g), p2[c] += sum(g * (v - m[c])) over k rows, gr and vr bytes apart."""
+    cdef Py_ssize_t c
+    cdef double s1, s2
+    for c in range(C):
+        s1 = _at(g, c, sg)
+        s2 = _at(g, c, sg) * (_at(v, c, sv) - m[c])
+        if k == 2:
+            s1 = s1 + _at(_in(g, gr), c, sg)
+            s2 = s2 + _at(_in(g, gr), c, sg) * (_at(_in(v, vr), c, sv) - m[c])
+        p1[c] += s1
+        p2[c] += s2
+
+
+cdef inline void _affine_run(const floating* v, Py_ssize_t sv, floating* o, Py_ssize_t so,
+                             Py_ssize_t n, floating m, floating a, floating b) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        _out(o, i * so)[0] = (_at(v, i, sv) - m) * a + b
+
+
+cdef inline void _affine_cols(const floating* v, Py_ssize_t sv, floating* o, Py_ssize_t so,
+                              Py_ssize_t C, const floating* m, const floating* a,
+                              const floating* b) noexcept nogil:
+    cdef Py_ssize_t c
+    for c in range(C):
+        _out(o, c * so)[0] = (_at(v, c, sv) - m[c]) * a[c] + b[c]
+
+
+cdef inline void _dx_run(const floating* g, Py_ssize_t sg, const floating* v, Py_ssize_t sv,
+                         floating* o, Py_ssize_t so, Py_ssize_t n, floating m, floating a,
+                         floating b, floating d) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        _out(o, i * so)[0] = _at(g, i, sg) * a + (_at(v, i, sv) - m) * b + d
+
+
+cdef inline void _dx_cols(const floating* g, Py_ssize_t sg, const floating* v, Py_ssize_t sv,
+                          floating* o, Py_ssize_t so, Py_ssize_t C, const floating* m,
+                          const floating* a, const floating* b,
+                          const floating* d) noexcept nogil:
+    cdef Py_ssize_t c
+    for c in range(C):
+        _out(o, c * so)[0] = _at(g, c, sg) * a[c] + (_at(v, c, sv) - m[c]) * b[c] + d[c]
+
+
+# ---------------------------------------------------------------- kernels
+#
+# Each kernel branches once per run (plane piece or row) on unit strides, calling
+# the same inline loop with the stride as a literal; see the module docstring.
+
+def stats_nchw(const floating[:, :, :] x, double[::1] mean, double[::1] var, int nthreads):
+    """Per-channel mean and biased variance of an (N, C, S) view into float64 mean, var."""
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2]
+    cdef Py_ssize_t s0 = x.strides[0], s1 = x.strides[1], s2 = x.strides[2]
+    cdef Py_ssize_t nb = _batches(N, C, nthreads)
+    cdef double[:, ::1] pn = np.zeros((nb, C)), pm = np.zeros((nb, C)), pq = np.zeros((nb, C))
+    cdef const floating* x0 = &x[0, 0, 0]
+    cdef Py_ssize_t t, b, c, n
+    cdef Moments acc
+    with nogil:
+        for t in prange(nb * C, num_threads=nthreads, schedule="static"):
+            b = t // C
+            c = t - b * C
+            acc = _no_moments()  # an assignment, so that prange makes acc private
+            for n in range(b * N // nb, (b + 1) * N // nb):
+                acc = _plane_moments(_in(x0, n * s0 + c * s1), S, s2, acc)
+            pn[b, c] = acc.n
+            pm[b, c] = acc.m
+            pq[b, c] = acc.q
+        _reduce_moments(pn, pm, pq, mean, var)
+
+
+def stats_nhwc(const floating[:, :] x, double[::1] mean, double[::1] var, int nthreads):
+    """Per-channel mean and biased variance of an (R, C) view into float64 mean, var."""
+    cdef Py_ssize_t R = x.shape[0], C = x.shape[1]
+    cdef Py_ssize_t s0 = x.strides[0], s1 = x.strides[1]
+    cdef Py_ssize_t nt = max(1, min(nthreads, R))
+    cdef Py_ssize_t rows = max(8, BLOCK // max(C, 1))
+    cdef double[:, ::1] pn = np.zeros((nt, C)), pm = np.zeros((nt, C)), pq = np.zeros((nt, C))
+    cdef double[:, ::1] bm = np.empty((nt, C)), bq = np.empty((nt, C))  # per-thread scratch
+    cdef const floating* x0 = &x[0, 0]
+    cdef Py_ssize_t k, r0, r1, nr, c
+    cdef double na
+    with nogil:
+        for k in prange(nt, num_threads=nthreads, schedule="static"):
+            na = 0.0
+            r1 = (k + 1) * R // nt
+            r0 = k * R // nt
+            while r0 < r1:
+                nr = min(rows, r1 - r0)
+                _block_moments(_in(x0, r0 * s0), nr, s0, s1, C,
+                               &bm[k, 0], &bq[k, 0], &pm[k, 0], &pq[k, 0], na)
+                na = na + nr
+                r0 = r0 + nr
+            for c in range(C):
+                pn[k, c] = na
+        _reduce_moments(pn, pm, pq, mean, var)
+
+
+def affine_nchw(const floating[:, :, :] x, const floating[::1] center,
+                const floating[::1] scale, const floating[::1] shift, floating[:, :, :] y,
+                int nthreads):
+    """y = (x - center[c]) * scale[c] + shift[c] on (N, C, S) views; y may be x."""
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2]
+    cdef Py_ssize_t s0 = x.strides[0], s1 = x.strides[1], s2 = x.strides[2]
+    cdef Py_ssize_t o0 = y.strides[0], o1 = y.strides[1], o2 = y.strides[2]
+    cdef Py_ssize_t k = _pieces(N * C, S, nthreads)
+    cdef const floating* x0 = &x[0, 0, 0]
+    cdef floating* y0 = &y[0, 0, 0]
+    cdef Py_ssize_t t, p, j, n, c, lo, hi
+    cdef const floating* v
+    cdef floating* o
+    with nogil:
+        for t in prange(N * C * k, num_threads=nthreads, schedule="static"):
+            p = t // k
+            j = t - p * k
+            n = p // C
+            c = p - n * C
+            lo = j * S // k
+            hi = (j + 1) * S // k
+            v = _in(x0, n * s0 + c * s1 + lo * s2)
+            o = _out(y0, n * o0 + c * o1 + lo * o2)
+            if s2 == sizeof(floating) and o2 == sizeof(floating):
+                _affine_run(v, sizeof(floating), o, sizeof(floating), hi - lo,
+                            center[c], scale[c], shift[c])
+            else:
+                _affine_run(v, s2, o, o2, hi - lo, center[c], scale[c], shift[c])
+
+
+def affine_nhwc(const floating[:, :] x, const floating[::1] center, const floating[::1] scale,
+                const floating[::1] shift, floating[:, :] y, int nthreads):
+    """y = (x - center[c]) * scale[c] + shift[c] on (R, C) views; y may be x."""
+    cdef Py_ssize_t R = x.shape[0], C = x.shape[1]
+    cdef Py_ssize_t s0 = x.strides[0], s1 = x.strides[1], o0 = y.strides[0], o1 = y.strides[1]
+    cdef Py_ssize_t k = max(1, min(R, 8 * nthreads))
+    cdef const floating* x0 = &x[0, 0]
+    cdef floating* y0 = &y[0, 0]
+    cdef const floating* m = &center[0]
+    cdef const floating* a = &scale[0]
+    cdef const floating* b = &shift[0]
+    cdef bint unit = s1 == sizeof(floating) and o1 == sizeof(floating)
+    cdef Py_ssize_t j, r
+    with nogil:
+        for j in prange(k, num_threads=nthreads, schedule="static"):
+            for r in range(j * R // k, (j + 1) * R // k):
+                if unit:
+                    _affine_cols(_in(x0, r * s0), sizeof(floating), _out(y0, r * o0),
+                                 sizeof(floating), C, m, a, b)
+                else:
+                    _affine_cols(_in(x0, r * s0), s1, _out(y0, r * o0), o1, C, m, a, b)
+
+
+def dsum_nchw(const floating[:, :, :] dy, const floating[:, :, :] x, const floating[::1] mean,
+              double[::1] sdy, double[::1] sdyx, int nthreads):
+    """Per-channel sum(dy) and sum(dy * (x - mean)) of (N, C, S) views, into float64."""
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2]
+    cdef Py_ssize_t s0 = x.strides[0], s1 = x.strides[1], s2 = x.strides[2]
+    cdef Py_ssize_t g0 = dy.strides[0], g1 = dy.strides[1], g2 = dy.strides[2]
+    cdef Py_ssize_t nb = _batches(N, C, nthreads)
+    cdef double[:, ::1] p1 = np.zeros((nb, C)), p2 = np.zeros((nb, C))
+    cdef const floating* x0 = &x[0, 0, 0]
+    cdef const floating* d0 = &dy[0, 0, 0]
+    cdef Py_ssize_t t, b, c, n
+    cdef const floating* g
+    cdef const floating* v
+    with nogil:
+        for t in prange(nb * C, num_threads=nthreads, schedule="static"):
+            b = t // C
+            c = t - b * C
+            for n in range(b * N // nb, (b + 1) * N // nb):
+                g = _in(d0, n * g0 + c * g1)
+                v = _in(x0, n * s0 + c * s1)
+                if g2 == sizeof(floating) and s2 == sizeof(floating):
+                    _dsums_run(g, sizeof(floating), v, sizeof(floating), S, mean[c],
+                               &p1[b, c], &p2[b, c])
+                else:
+                    _dsums_run(g, g2, v, s2, S, mean[c], &p1[b, c], &p2[b, c])
+        _reduce_sums(p1, sdy)
+        _reduce_sums(p2, sdyx)
+
+
+def dsum_nhwc(const floating[:, :] dy, const floating[:, :] x, const floating[::1] mean,
+              double[::1] sdy, double[::1] sdyx, int nthreads):
+    """Per-channel sum(dy) and sum(dy * (x - mean)) of (R, C) views, into float64."""
+    cdef Py_ssize_t R = x.shape[0], C = x.shape[1]
+    cdef Py_ssize_t s0 = x.strides[0], s1 = x.strides[1], g0 = dy.strides[0], g1 = dy.strides[1]
+    cdef Py_ssize_t nt = max(1, min(nthreads, R))
+    cdef double[:, ::1] p1 = np.zeros((nt, C)), p2 = np.zeros((nt, C))
+    cdef const floating* x0 = &x[0, 0]
+    cdef const floating* d0 = &dy[0, 0]
+    cdef const floating* m = &mean[0]
+    cdef bint unit = s1 == sizeof(floating) and g1 == sizeof(floating)
+    cdef Py_ssize_t k, r, r0, r1
+    with nogil:
+        for k in prange(nt, num_threads=nthreads, schedule="static"):
+            r0 = k * R // nt
+            r1 = (k + 1) * R // nt
+            for r in range(r0, r1 - 1, 2):
+                if unit:
+                    _dsums_cols(_in(d0, r * g0), g0, sizeof(floating), _in(x0, r * s0), s0,
+                                sizeof(floating), 2, m, &p1[k, 0], &p2[k, 0], C)
+                else:
+                    _dsums_cols(_in(d0, r * g0), g0, g1, _in(x0, r * s0), s0, s1, 2, m,
+                                &p1[k, 0], &p2[k, 0], C)
+            if (r1 - r0) % 2:
+                _dsums_cols(_in(d0, (r1 - 1) * g0), g0, g1, _in(x0, (r1 - 1) * s0), s0, s1, 1, m,
+                            &p1[k, 0], &p2[k, 0], C)
+        _reduce_sums(p1, sdy)
+        _reduce_sums(p2, sdyx)
+
+
+def dx_nchw(const floating[:, :, :] dy, const floating[:, :, :] x, const floating[::1] mean,
+            const floating[::1] a, const floating[::1] b, const floating[::1] d,
+            floating[:, :, :] dx, int nthreads):
+    """dx = dy * a[c] + (x - mean[c]) * b[c] + d[c] on (N, C, S) views; dx may be dy."""
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2]
+    cdef Py_ssize_t s0 = x.strides[0], s1 = x.strides[1], s2 = x.strides[2]
+    cdef Py_ssize_t g0 = dy.strides[0], g1 = dy.strides[1], g2 = dy.strides[2]
+    cdef Py_ssize_t o0 = dx.strides[0], o1 = dx.strides[1], o2 = dx.strides[2]
+    cdef Py_ssize_t k = _pieces(N * C, S, nthreads)
+    cdef const floating* x0 = &x[0, 0, 0]
+    cdef const floating* d0 = &dy[0, 0, 0]
+    cdef floating* y0 = &dx[0, 0, 0]
+    cdef Py_ssize_t t, p, j, n, c, lo, hi
+    cdef const floating* g
+    cdef const floating* v
+    cdef floating* o
+    with nogil:
+        for t in prange(N * C * k, num_threads=nthreads, schedule="static"):
+            p = t // k
+            j = t - p * k
+            n = p // C
+            c = p - n * C
+            lo = j * S // k
+            hi = (j + 1) * S // k
+            g = _in(d0, n * g0 + c * g1 + lo * g2)
+            v = _in(x0, n * s0 + c * s1 + lo * s2)
+            o = _out(y0, n * o0 + c * o1 + lo * o2)
+            if g2 == sizeof(floating) and s2 == sizeof(floating) and o2 == sizeof(floating):
+                _dx_run(g, sizeof(floating), v, sizeof(floating), o, sizeof(floating), hi - lo,
+                        mean[c], a[c], b[c], d[c])
+            else:
+                _dx_run(g, g2, v, s2, o, o2, hi - lo, mean[c], a[c], b[c], d[c])
+
+
+def dx_nhwc(const floating[:, :] dy, const floating[:, :] x, const floating[::1] mean,
+            const floating[::1] a, const floating[::1] b, const floating[::1] d,
+            floating[:, :] dx, int nthreads):
+    """dx = dy * a[c] + (x - mean[c]) * b[c] + d[c] on (R, C) views; dx may be dy."""
+    cdef Py_ssize_t R = x.shape[0], C = x.shape[1]
+    cdef Py_ssize_t s0 = x.strides[0], s1 = x.strides[1], g0 = dy.strides[0], g1 = dy.strides[1]
+    cdef Py_ssize_t o0 = dx.strides[0], o1 = dx.strides[1]
+    cdef Py_ssize_t k = max(1, min(R, 8 * nthreads))
+    cdef const floating* x0 = &x[0, 0]
+    cdef const floating* d0 = &dy[0, 0]
+    cdef floating* y0 = &dx[0, 0]
+    cdef bint unit = (s1 == sizeof(floating) and g1 == sizeof(floating)
+                      and o1 == sizeof(floating))
+    cdef Py_ssize_t j, r
+    with nogil:
+        for j in prange(k, num_threads=nthreads, schedule="static"):
+            for r in range(j * R // k, (j + 1) * R // k):
+                if unit:
+                    _dx_cols(_in(d0, r * g0), sizeof(floating),
+                             _in(x0, r * s0), sizeof(floating), _out(y0, r * o0),
+                             sizeof(floating), C, &mean[0], &a[0], &b[0], &d[0])
+                else:
+                    _dx_cols(_in(d0, r * g0), g1, _in(x0, r * s0), s1,
+                             _out(y0, r * o0), o1, C, &mean[0], &a[0], &b[0], &d[0])

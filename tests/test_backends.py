@@ -1,0 +1,241 @@
+"""Backend selection, the Cython fallback, thread controls and the optional build.
+
+Scenarios that need a different import state (Numba missing, BN_FAST_BACKEND set)
+run in a fresh interpreter, so this process's backends are left alone.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import bn_fast as bnf
+from bn_fast import _backend
+from bn_fast import reference as ref
+
+PACKAGE_ROOT = str(Path(bnf.__file__).resolve().parent.parent)
+SETUP_PY = Path(PACKAGE_ROOT, "setup.py")
+
+try:
+    from bn_fast import _cython
+    CYTHON_MISSING = ""
+except ImportError as exc:
+    _cython = None
+    CYTHON_MISSING = (f"the optional extension bn_fast._cython is not built here ({exc}); "
+                      "it needs Cython and a C compiler with OpenMP at install time")
+needs_cython = pytest.mark.skipif(_cython is None, reason=CYTHON_MISSING)
+
+# Imports bn_fast the way a user would and compares every public operation with the
+# reference; the preamble decides which modules are importable.  Shapes above and below
+# the serial threshold, so both the threaded and the one-thread kernels run.
+CHECK_OPS = """
+import warnings
+warnings.simplefilter("error")  # a fallback to the NumPy backend warns: make it fatal
+import numpy as np
+import bn_fast as bnf
+from bn_fast import reference as ref
+
+rng = np.random.default_rng(7)
+for layout, shape in [("NCHW", (4, 3, 64, 65)), ("NHWC", (4, 64, 65, 3)),
+                      ("NCHW", (3, 5, 7)), ("NHWC", (6, 5))]:
+    for dtype, tol in [(np.float32, 2e-5), (np.float64, 1e-11)]:
+        x = (rng.standard_normal(shape) * 2 + 3).astype(dtype)
+        dy = rng.standard_normal(shape).astype(dtype)
+        C = shape[1] if layout == "NCHW" else shape[-1]
+        g = rng.uniform(0.5, 1.5, C).astype(dtype)
+        b = rng.standard_normal(C).astype(dtype)
+        rm, rv = rng.standard_normal(C), rng.uniform(0.5, 2.0, C)
+        got = bnf.batch_norm_train(x, g, b, layout=layout)
+        want = ref.batch_norm_train(x, g, b, layout=layout)
+        for u, v in zip(got, want):
+            np.testing.assert_allclose(u, v, rtol=tol, atol=tol)
+        np.testing.assert_allclose(bnf.batch_norm_infer(x, g, b, rm, rv, layout=layout),
+                                   ref.batch_norm_infer(x, g, b, rm, rv, layout=layout),
+                                   rtol=tol, atol=tol)
+        mean, invstd = want[1], want[2]
+        got = bnf.batch_norm_backward(dy, x, mean, invstd, g, layout=layout)
+        want = ref.batch_norm_backward(dy, x, mean, invstd, g, layout=layout)
+        for u, v in zip(got, want):
+            np.testing.assert_allclose(u, v, rtol=10 * tol, atol=10 * tol)
+print("backend", bnf.get_backend(), "available", bnf.available_backends())
+"""
+
+NO_NUMBA = 'import sys\nsys.modules["numba"] = None  # what `import numba` sees without Numba\n'
+NO_CYTHON = 'import sys\nsys.modules["bn_fast._cython"] = None  # as if the build had failed\n'
+
+
+def run_python(code, **env):
+    """Run ``code`` in a fresh interpreter importing this bn_fast; return the result."""
+    environ = {k: v for k, v in os.environ.items() if k != "BN_FAST_BACKEND"}
+    environ["PYTHONPATH"] = os.pathsep.join(filter(None, [PACKAGE_ROOT,
+                                                          environ.get("PYTHONPATH")]))
+    environ.update(env)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=environ,
+                          capture_output=True, text=True, timeout=300)
+
+
+def assert_ran(result, stdout_part):
+    assert result.returncode == 0, result.stderr
+    assert stdout_part in result.stdout, result.stdout
+
+
+# ---------------------------------------------------------------- selection
+
+@needs_cython
+def test_without_numba_the_cython_backend_serves():
+    result = run_python(NO_NUMBA + CHECK_OPS)
+    assert_ran(result, "backend cython available ['cython', 'numpy']")
+
+
+@pytest.mark.parametrize("name", ["numba", "cython", "numpy"])
+def test_bn_fast_backend_environment_variable_forces_a_backend(name):
+    if name not in bnf.available_backends():
+        pytest.skip(f"backend {name!r} is not available here: {_backend._errors.get(name)}")
+    result = run_python(CHECK_OPS, BN_FAST_BACKEND=name)
+    assert_ran(result, f"backend {name} available")
+
+
+def test_bn_fast_backend_environment_variable_rejects_unknown_names():
+    result = run_python("import bn_fast; bn_fast.get_backend()", BN_FAST_BACKEND="fortran")
+    assert result.returncode != 0
+    assert "ValueError: unknown backend 'fortran'" in result.stderr, result.stderr
+
+
+def test_without_any_compiled_backend_numpy_serves_with_a_warning():
+    code = NO_NUMBA + NO_CYTHON + """
+import warnings
+import bn_fast as bnf
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    name = bnf.get_backend()
+print(name, [str(w.message) for w in caught if w.category is RuntimeWarning])
+"""
+    result = run_python(code)
+    assert_ran(result, "numpy ['bn_fast: neither Numba nor the compiled Cython extension")
+
+
+def test_unknown_backend_names_the_choices():
+    with pytest.raises(ValueError) as info:
+        bnf.set_backend("fortran")
+    message = str(info.value)
+    assert "unknown backend 'fortran'" in message
+    assert "'numba', 'cython', 'numpy'" in message  # what could be asked for
+    assert f"available here: {bnf.available_backends()}" in message
+
+
+def test_unavailable_backend_says_why_and_what_is_available():
+    code = NO_NUMBA + """
+import bn_fast as bnf
+try:
+    bnf.set_backend("numba")
+except ValueError as exc:
+    print(exc)
+print("available", bnf.available_backends())
+"""
+    result = run_python(code)
+    assert_ran(result, "backend 'numba' is not available: ModuleNotFoundError")
+    message, available = result.stdout.splitlines()
+    assert available.startswith("available [") and "numba" not in available
+    assert message.endswith(f"(available here: {available.removeprefix('available ')})")
+
+
+def test_set_backend_switches_and_get_backend_reports(backend):
+    assert bnf.get_backend() == backend
+    assert backend in bnf.available_backends()
+
+
+# ---------------------------------------------------------------- threads
+
+@needs_cython
+def test_set_num_threads_sets_the_openmp_threads():
+    before = bnf.get_num_threads()
+    try:
+        for n in sorted({1, _backend.max_threads()}):
+            bnf.set_num_threads(n)
+            assert bnf.get_num_threads() == n
+            assert _cython.get_num_threads() == n
+    finally:
+        bnf.set_num_threads(before)
+    assert _cython.get_num_threads() == before
+
+
+@needs_cython
+@pytest.mark.parametrize("n", [0, "too many"])
+def test_bad_thread_counts_change_nothing(n):
+    n = _backend.max_threads() + 1 if n == "too many" else n
+    before = bnf.get_num_threads(), _cython.get_num_threads()
+    with pytest.raises(ValueError, match=rf"n={n} must be an integer from 1 to "
+                                         rf"{_backend.max_threads()}"):
+        bnf.set_num_threads(n)
+    assert (bnf.get_num_threads(), _cython.get_num_threads()) == before
+
+
+@needs_cython
+def test_cython_thread_limit_follows_omp_num_threads():
+    result = run_python(NO_NUMBA + """
+import bn_fast as bnf
+bnf.get_backend()
+print("limit", bnf._backend.max_threads(), bnf.get_num_threads())
+""", OMP_NUM_THREADS="1")
+    assert_ran(result, "limit 1 1")
+
+
+# ---------------------------------------------------------------- Cython kernels directly
+
+def _run_kernels(K, kind, x, dy, vectors, nthreads):
+    """Every kernel of module K on x, with a strided output and an in-place call."""
+    C = x.shape[1]
+    m, s, h, d = vectors
+    out = {"stats": (np.empty(C), np.empty(C)), "dsum": (np.empty(C), np.empty(C)),
+           "affine": np.empty(x.shape, x.dtype),
+           "dx": np.empty(x.shape, x.dtype)[..., ::-1],  # a negative stride
+           "in-place": x.copy()}
+    getattr(K, "stats_" + kind)(x, *out["stats"], nthreads)
+    getattr(K, "dsum_" + kind)(dy, x, m, *out["dsum"], nthreads)
+    getattr(K, "affine_" + kind)(x, m, s, h, out["affine"], nthreads)
+    getattr(K, "dx_" + kind)(dy, x, m, s, h, d, out["dx"], nthreads)
+    getattr(K, "affine_" + kind)(out["in-place"], m, s, h, out["in-place"], nthreads)
+    return out
+
+
+@needs_cython
+@pytest.mark.parametrize("nthreads", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kind,shape", [("nchw", (3, 5, 5000)), ("nchw", (2, 1, 7)),
+                                        ("nhwc", (9000, 3)), ("nhwc", (5, 70))])
+def test_cython_kernels_match_the_reference_kernels(kind, shape, dtype, nthreads):
+    rng = np.random.default_rng(3)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    x = (rng.standard_normal(shape) * 2 + 3).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    vectors = [rng.standard_normal(shape[1]).astype(dtype) for _ in range(4)]
+    # Views equal to x: strided (every other element of a wider array) and read-only.
+    wide = np.zeros((*shape[:-1], 2 * shape[-1]), dtype)
+    wide[..., ::2] = x
+    frozen = x.copy()
+    frozen.flags.writeable = False
+    for name, xv in {"contiguous": x, "strided": wide[..., ::2], "read-only": frozen}.items():
+        got = _run_kernels(_cython, kind, xv, dy, vectors, nthreads)
+        want = _run_kernels(ref, kind, xv, dy, vectors, nthreads)
+        for op in want:
+            np.testing.assert_allclose(got[op], want[op], rtol=tol, atol=tol,
+                                       err_msg=f"{op} of {kind} on a {name} x")
+
+
+# ---------------------------------------------------------------- the optional build
+
+@pytest.mark.skipif(not SETUP_PY.exists(), reason="needs the source tree (setup.py)")
+def test_build_without_a_c_compiler_warns_and_succeeds(tmp_path):
+    # CC=false stands in for a machine without a working C compiler.
+    result = subprocess.run(
+        [sys.executable, str(SETUP_PY), "build_ext", "--build-lib", str(tmp_path / "lib"),
+         "--build-temp", str(tmp_path / "tmp")],
+        cwd=PACKAGE_ROOT, env={**os.environ, "CC": "false"}, capture_output=True, text=True,
+        timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "the optional extension bn_fast._cython was not built" in result.stderr
+    assert not list(tmp_path.rglob("_cython*.so")) and not list(tmp_path.rglob("_cython*.pyd"))
