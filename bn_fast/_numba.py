@@ -75,9 +75,15 @@ def _batches(N, C, nthreads):
 
 
 @njit(**_SEQ)
-def _pieces(P, S, nthreads):
-    # Cut each of P planes into pieces when there are too few planes to balance threads.
-    return max(1, min(S // 1024, (8 * nthreads + P - 1) // P))
+def _channel_chunks(N, C, S, nthreads):
+    """(channels per task, pieces per plane) for element-wise kernels on (N, C, S)."""
+    # Short planes are grouped so that each task has about BLOCK elements: per-plane
+    # loops of a few dozen elements would spend their time on loop overhead.
+    cb = max(1, min(C, BLOCK // max(S, 1)))
+    tasks = N * ((C + cb - 1) // cb)
+    # Long planes are cut when there are too few of them to balance the threads.
+    k = max(1, min(S // 1024, (8 * nthreads + tasks - 1) // tasks))
+    return cb, k
 
 
 @njit(**_SEQ)
@@ -90,6 +96,7 @@ def _merge(na, ma, qa, nb, mb, qb):
 
 @njit(**_SEQ)
 def _moments(v):
+    """Mean and sum of centred squares of a 1-D run, two passes (short runs: in L1)."""
     s = 0.0
     for i in range(v.shape[0]):
         s += v[i]
@@ -102,12 +109,35 @@ def _moments(v):
 
 
 @njit(**_SEQ)
-def _plane_moments(v, n_, m_, q_):
-    for lo in range(0, v.shape[0], BLOCK):
-        w = v[lo:lo + BLOCK]
-        m, q = _moments(w)
-        n_, m_, q_ = _merge(n_, m_, q_, float(w.shape[0]), m, q)
-    return n_, m_, q_
+def _row_moments(xb, c):
+    """_moments(xb[c]) without creating a view: short planes are many, views cost."""
+    s = 0.0
+    for i in range(xb.shape[1]):
+        s += xb[c, i]
+    m = s / xb.shape[1]
+    q = 0.0
+    for i in range(xb.shape[1]):
+        d = xb[c, i] - m
+        q += d * d
+    return m, q
+
+
+@njit(**_SEQ)
+def _planes_moments(xb, pn, pm, pq):
+    """Merge the moments of each row of a (channels, S) block into pn, pm, pq."""
+    S = xb.shape[1]
+    for c in range(xb.shape[0]):
+        n_, m_, q_ = pn[c], pm[c], pq[c]
+        if S <= BLOCK:
+            m, q = _row_moments(xb, c)
+            n_, m_, q_ = _merge(n_, m_, q_, float(S), m, q)
+            pn[c], pm[c], pq[c] = n_, m_, q_
+            continue
+        for lo in range(0, S, BLOCK):
+            w = xb[c, lo:lo + BLOCK]
+            m, q = _moments(w)
+            n_, m_, q_ = _merge(n_, m_, q_, float(w.shape[0]), m, q)
+        pn[c], pm[c], pq[c] = n_, m_, q_
 
 
 @njit(**_SEQ)
@@ -155,13 +185,16 @@ def _reduce_sums(p, out):
 
 
 @njit(**_SEQ)
-def _dsums(g, v, m):
-    s1 = 0.0
-    s2 = 0.0
-    for s in range(v.shape[0]):
-        s1 += g[s]
-        s2 += g[s] * (v[s] - m)
-    return s1, s2
+def _planes_dsums(gb, vb, mean, p1, p2):
+    for c in range(vb.shape[0]):
+        m = mean[c]
+        s1 = 0.0
+        s2 = 0.0
+        for s in range(vb.shape[1]):
+            s1 += gb[c, s]
+            s2 += gb[c, s] * (vb[c, s] - m)
+        p1[c] += s1
+        p2[c] += s2
 
 
 @njit(**_SEQ)
@@ -173,9 +206,11 @@ def _block_dsums(gb, vb, mean, p1, p2):
 
 
 @njit(**_SEQ)
-def _affine(v, m, a, b, o):
-    for s in range(v.shape[0]):
-        o[s] = (v[s] - m) * a + b
+def _affine_planes(xb, m, a, b, yb):
+    for c in range(xb.shape[0]):
+        mc, ac, bc = m[c], a[c], b[c]
+        for s in range(xb.shape[1]):
+            yb[c, s] = (xb[c, s] - mc) * ac + bc
 
 
 @njit(**_SEQ)
@@ -187,9 +222,11 @@ def _affine_rows(xb, m, a, b, yb):
 
 
 @njit(**_SEQ)
-def _dx(g, v, m, a, b, d, o):
-    for s in range(v.shape[0]):
-        o[s] = g[s] * a + (v[s] - m) * b + d
+def _dx_planes(gb, vb, m, a, b, d, ob):
+    for c in range(vb.shape[0]):
+        mc, ac, bc, dc = m[c], a[c], b[c], d[c]
+        for s in range(vb.shape[1]):
+            ob[c, s] = gb[c, s] * ac + (vb[c, s] - mc) * bc + dc
 
 
 @njit(**_SEQ)
@@ -206,18 +243,17 @@ def stats_nchw(x, mean, var, nthreads):
     """Per-channel mean and biased variance of an (N, C, S) view into float64 mean, var."""
     N, C, S = x.shape
     nb = _batches(N, C, nthreads)
+    cb = max(1, min(C // (4 * nthreads), BLOCK // max(S, 1)))
+    nc = (C + cb - 1) // cb
     pn = np.zeros((nb, C))
     pm = np.zeros((nb, C))
     pq = np.zeros((nb, C))
-    for t in prange(nb * C):
-        b = t // C
-        c = t - b * C
-        n_, m_, q_ = 0.0, 0.0, 0.0
+    for t in prange(nb * nc):
+        b = t // nc
+        c0 = (t - b * nc) * cb
+        c1 = min(C, c0 + cb)
         for n in range(b * N // nb, (b + 1) * N // nb):
-            n_, m_, q_ = _plane_moments(x[n, c], n_, m_, q_)
-        pn[b, c] = n_
-        pm[b, c] = m_
-        pq[b, c] = q_
+            _planes_moments(x[n, c0:c1], pn[b, c0:c1], pm[b, c0:c1], pq[b, c0:c1])
     _reduce_moments(pn, pm, pq, mean, var)
 
 
@@ -247,14 +283,16 @@ def stats_nhwc(x, mean, var, nthreads):
 def affine_nchw(x, center, scale, shift, y, nthreads):
     """y = (x - center[c]) * scale[c] + shift[c] on (N, C, S) views; y may be x."""
     N, C, S = x.shape
-    k = _pieces(N * C, S, nthreads)
-    for t in prange(N * C * k):
-        p = t // k
-        j = t - p * k
-        n = p // C
-        c = p - n * C
-        lo, hi = j * S // k, (j + 1) * S // k
-        _affine(x[n, c, lo:hi], center[c], scale[c], shift[c], y[n, c, lo:hi])
+    cb, k = _channel_chunks(N, C, S, nthreads)
+    nc = (C + cb - 1) // cb
+    for t in prange(N * nc * k):
+        n = t // (nc * k)
+        j = t - n * nc * k
+        c0 = j // k * cb
+        c1 = min(C, c0 + cb)
+        s0, s1 = j % k * S // k, (j % k + 1) * S // k
+        _affine_planes(x[n, c0:c1, s0:s1], center[c0:c1], scale[c0:c1], shift[c0:c1],
+                       y[n, c0:c1, s0:s1])
 
 
 @_kernel
@@ -272,18 +310,16 @@ def dsum_nchw(dy, x, mean, sdy, sdyx, nthreads):
     """Per-channel sum(dy) and sum(dy * (x - mean)) of (N, C, S) views, into float64."""
     N, C, S = x.shape
     nb = _batches(N, C, nthreads)
+    cb = max(1, min(C // (4 * nthreads), BLOCK // max(S, 1)))
+    nc = (C + cb - 1) // cb
     p1 = np.zeros((nb, C))
     p2 = np.zeros((nb, C))
-    for t in prange(nb * C):
-        b = t // C
-        c = t - b * C
-        a1, a2 = 0.0, 0.0
+    for t in prange(nb * nc):
+        b = t // nc
+        c0 = (t - b * nc) * cb
+        c1 = min(C, c0 + cb)
         for n in range(b * N // nb, (b + 1) * N // nb):
-            s1, s2 = _dsums(dy[n, c], x[n, c], mean[c])
-            a1 += s1
-            a2 += s2
-        p1[b, c] = a1
-        p2[b, c] = a2
+            _planes_dsums(dy[n, c0:c1], x[n, c0:c1], mean[c0:c1], p1[b, c0:c1], p2[b, c0:c1])
     _reduce_sums(p1, sdy)
     _reduce_sums(p2, sdyx)
 
@@ -306,14 +342,16 @@ def dsum_nhwc(dy, x, mean, sdy, sdyx, nthreads):
 def dx_nchw(dy, x, mean, a, b, d, dx, nthreads):
     """dx = dy * a[c] + (x - mean[c]) * b[c] + d[c] on (N, C, S) views; dx may be dy."""
     N, C, S = x.shape
-    k = _pieces(N * C, S, nthreads)
-    for t in prange(N * C * k):
-        p = t // k
-        j = t - p * k
-        n = p // C
-        c = p - n * C
-        lo, hi = j * S // k, (j + 1) * S // k
-        _dx(dy[n, c, lo:hi], x[n, c, lo:hi], mean[c], a[c], b[c], d[c], dx[n, c, lo:hi])
+    cb, k = _channel_chunks(N, C, S, nthreads)
+    nc = (C + cb - 1) // cb
+    for t in prange(N * nc * k):
+        n = t // (nc * k)
+        j = t - n * nc * k
+        c0 = j // k * cb
+        c1 = min(C, c0 + cb)
+        s0, s1 = j % k * S // k, (j % k + 1) * S // k
+        _dx_planes(dy[n, c0:c1, s0:s1], x[n, c0:c1, s0:s1], mean[c0:c1], a[c0:c1], b[c0:c1],
+                   d[c0:c1], dx[n, c0:c1, s0:s1])
 
 
 @_kernel
