@@ -83,7 +83,7 @@ def _channel_chunks(N, C, S, nthreads):
     tasks = N * ((C + cb - 1) // cb)
     # Long planes are cut when there are too few of them to balance the threads.
     k = max(1, min(S // 1024, (8 * nthreads + tasks - 1) // tasks))
-    return cb, k
+    return (cb, 1) if k == 1 else (1, k)
 
 
 @njit(**_SEQ)
@@ -206,6 +206,12 @@ def _block_dsums(gb, vb, mean, p1, p2):
 
 
 @njit(**_SEQ)
+def _affine_run(v, m, a, b, o):
+    for s in range(v.shape[0]):
+        o[s] = (v[s] - m) * a + b
+
+
+@njit(**_SEQ)
 def _affine_planes(xb, m, a, b, yb):
     for c in range(xb.shape[0]):
         mc, ac, bc = m[c], a[c], b[c]
@@ -219,6 +225,12 @@ def _affine_rows(xb, m, a, b, yb):
     for r in range(xb.shape[0]):
         for c in range(xb.shape[1]):
             yb[r, c] = (xb[r, c] - m[c]) * a[c] + b[c]
+
+
+@njit(**_SEQ)
+def _dx_run(g, v, m, a, b, d, o):
+    for s in range(v.shape[0]):
+        o[s] = g[s] * a + (v[s] - m) * b + d
 
 
 @njit(**_SEQ)
@@ -290,9 +302,13 @@ def affine_nchw(x, center, scale, shift, y, nthreads):
         j = t - n * nc * k
         c0 = j // k * cb
         c1 = min(C, c0 + cb)
-        s0, s1 = j % k * S // k, (j % k + 1) * S // k
-        _affine_planes(x[n, c0:c1, s0:s1], center[c0:c1], scale[c0:c1], shift[c0:c1],
-                       y[n, c0:c1, s0:s1])
+        # Whole rows or 1-D runs only: Numba types x[n, c0:c1, s0:s1] as non-contiguous,
+        # and LLVM then does not vectorise.
+        if k == 1:
+            _affine_planes(x[n, c0:c1], center[c0:c1], scale[c0:c1], shift[c0:c1], y[n, c0:c1])
+        else:
+            s0, s1 = j % k * S // k, (j % k + 1) * S // k
+            _affine_run(x[n, c0, s0:s1], center[c0], scale[c0], shift[c0], y[n, c0, s0:s1])
 
 
 @_kernel
@@ -349,9 +365,13 @@ def dx_nchw(dy, x, mean, a, b, d, dx, nthreads):
         j = t - n * nc * k
         c0 = j // k * cb
         c1 = min(C, c0 + cb)
-        s0, s1 = j % k * S // k, (j % k + 1) * S // k
-        _dx_planes(dy[n, c0:c1, s0:s1], x[n, c0:c1, s0:s1], mean[c0:c1], a[c0:c1], b[c0:c1],
-                   d[c0:c1], dx[n, c0:c1, s0:s1])
+        if k == 1:
+            _dx_planes(dy[n, c0:c1], x[n, c0:c1], mean[c0:c1], a[c0:c1], b[c0:c1], d[c0:c1],
+                       dx[n, c0:c1])
+        else:
+            s0, s1 = j % k * S // k, (j % k + 1) * S // k
+            _dx_run(dy[n, c0, s0:s1], x[n, c0, s0:s1], mean[c0], a[c0], b[c0], d[c0],
+                    dx[n, c0, s0:s1])
 
 
 @_kernel
