@@ -71,7 +71,7 @@ def _input(a, axis, kind):
     return v
 
 
-def _output(x, axis, kind, out):
+def _output(x, axis, kind, out, shape):
     """Return (result, view the kernel writes, out to copy into afterwards or None).
 
     A new result gets x's memory order: channels-last memory stays channels-last.
@@ -83,9 +83,9 @@ def _output(x, axis, kind, out):
     target = _target(x, kind)
     if axis == target:
         y = np.empty(x.shape, dtype=x.dtype)
-        return y, y.reshape(_canonical_shape(x, axis, kind)), out
+        return y, y.reshape(shape), out
     moved = np.empty(_moved(x, axis, kind).shape, dtype=x.dtype)
-    return np.moveaxis(moved, target, axis), moved.reshape(_canonical_shape(x, axis, kind)), out
+    return np.moveaxis(moved, target, axis), moved.reshape(shape), out
 
 
 def _finish(y, pending_out):
@@ -101,11 +101,24 @@ def _split(center, dtype):
     ``x - hi`` is exact for x near the centre, so the kernel can work in x's dtype
     and the remainder is folded into the shift, without float32 cancellation.
     """
+    if dtype == np.float64:
+        return center, 0.0
     hi = center.astype(dtype)
     return hi, center - hi
 
 
 def _prepare(x, axis):
+    """(kind, canonical view of x), copying x only when its strides allow no view."""
+    if x.flags.c_contiguous and x.size:
+        # The common case, without moveaxis or stride inspection.
+        N, C = x.shape[0], x.shape[axis]
+        S = x.size // (N * C)
+        if S == 1:
+            return "rc", x.reshape(N, C)
+        if axis == 1:
+            return "ncs", x.reshape(N, C, S)
+        if C > 1:
+            return "rc", x.reshape(N * S, C)
     kind = _kind(x, axis)
     return kind, _input(x, axis, kind)
 
@@ -116,7 +129,7 @@ def _affine(x, axis, center, scale, shift, out, prepared=None):
     kind, xv = prepared or _prepare(x, axis)
     hi, lo = _split(center, x.dtype)
     shift = shift - lo * scale
-    y, yv, pending = _output(x, axis, kind, out)
+    y, yv, pending = _output(x, axis, kind, out, xv.shape)
     if x.size:
         f = K.affine_nchw if kind == "ncs" else K.affine_nhwc
         f(xv, hi, scale.astype(x.dtype), shift.astype(x.dtype), yv, nt)
@@ -329,7 +342,7 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, training=True, layou
         n = max(1, x.size // C)
         b = -a * invstd * invstd * sdyx / n
         d = -a * sdy / n - lo * b
-        y, yv, pending = _output(x, axis, kind, out)
+        y, yv, pending = _output(x, axis, kind, out, xv.shape)
         if x.size:
             (K.dx_nchw if kind == "ncs" else K.dx_nhwc)(
                 dyv, xv, hi, a.astype(x.dtype), b.astype(x.dtype), d.astype(x.dtype), yv, nt)
