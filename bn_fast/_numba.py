@@ -87,6 +87,16 @@ def _channel_chunks(N, C, S, nthreads):
 
 
 @njit(**_SEQ)
+def _task(t, nc, k, cb, C, S):
+    """Task t of N * nc * k: batch n, channels c0:c1, and (when k > 1) plane piece s0:s1."""
+    n = t // (nc * k)
+    j = t - n * nc * k
+    c0 = j // k * cb
+    p = j - j // k * k
+    return n, c0, min(C, c0 + cb), p * S // k, (p + 1) * S // k
+
+
+@njit(**_SEQ)
 def _merge(na, ma, qa, nb, mb, qb):
     n = na + nb
     d = mb - ma
@@ -300,16 +310,12 @@ def affine_nchw(x, center, scale, shift, y, nthreads):
     cb, k = _channel_chunks(N, C, S, nthreads)
     nc = (C + cb - 1) // cb
     for t in prange(N * nc * k):
-        n = t // (nc * k)
-        j = t - n * nc * k
-        c0 = j // k * cb
-        c1 = min(C, c0 + cb)
+        n, c0, c1, s0, s1 = _task(t, nc, k, cb, C, S)
         # Whole rows or 1-D runs only: Numba types x[n, c0:c1, s0:s1] as non-contiguous,
         # and LLVM then does not vectorise.
         if k == 1:
             _affine_planes(x[n, c0:c1], center[c0:c1], scale[c0:c1], shift[c0:c1], y[n, c0:c1])
         else:
-            s0, s1 = j % k * S // k, (j % k + 1) * S // k
             _affine_run(x[n, c0, s0:s1], center[c0], scale[c0], shift[c0], y[n, c0, s0:s1])
 
 
@@ -363,15 +369,11 @@ def dx_nchw(dy, x, mean, a, b, d, dx, nthreads):
     cb, k = _channel_chunks(N, C, S, nthreads)
     nc = (C + cb - 1) // cb
     for t in prange(N * nc * k):
-        n = t // (nc * k)
-        j = t - n * nc * k
-        c0 = j // k * cb
-        c1 = min(C, c0 + cb)
+        n, c0, c1, s0, s1 = _task(t, nc, k, cb, C, S)
         if k == 1:
             _dx_planes(dy[n, c0:c1], x[n, c0:c1], mean[c0:c1], a[c0:c1], b[c0:c1], d[c0:c1],
                        dx[n, c0:c1])
         else:
-            s0, s1 = j % k * S // k, (j % k + 1) * S // k
             _dx_run(dy[n, c0, s0:s1], x[n, c0, s0:s1], mean[c0], a[c0], b[c0], d[c0],
                     dx[n, c0, s0:s1])
 
