@@ -123,12 +123,22 @@ def _prepare(x, axis):
     return kind, _input(x, axis, kind)
 
 
+def _prepared(x, axis):
+    """(kernel module, threads, kind, canonical view) for x."""
+    return (*_backend.kernels(x.size), *_prepare(x, axis))
+
+
 def _affine(x, axis, center, scale, shift, out, prepared=None):
-    """y = (x - center) * scale + shift per channel, computed in x's dtype."""
-    K, nt = _backend.kernels(x.size)
-    kind, xv = prepared or _prepare(x, axis)
+    """y = (x - center) * scale + shift per channel, computed in x's dtype.
+
+    ``shift`` may be None (zero); float64 arrays of length C otherwise.
+    """
+    K, nt, kind, xv = prepared or _prepared(x, axis)
     hi, lo = _split(center, x.dtype)
-    shift = shift - lo * scale
+    if shift is None:
+        shift = -lo * scale
+    elif x.dtype != np.float64:
+        shift = shift - lo * scale
     y, yv, pending = _output(x, axis, kind, out, xv.shape)
     if x.size:
         f = K.affine_nchw if kind == "ncs" else K.affine_nhwc
@@ -192,20 +202,21 @@ def batch_norm_train(x, gamma=None, beta=None, *, running_mean=None, running_var
     out = check_out(out, x, x)
     check_training_size(x, axis)
 
-    K, nt = _backend.kernels(x.size)
-    kind, xv = prepared = _prepare(x, axis)
+    K, nt, kind, xv = prepared = _prepared(x, axis)
     mean = np.empty(C)
     var = np.empty(C)
     (K.stats_nchw if kind == "ncs" else K.stats_nhwc)(xv, mean, var, nt)
     invstd = 1.0 / np.sqrt(var + eps)
-    scale = invstd * _f64(gamma, C, 1.0)
-    y = _affine(x, axis, mean, scale, _f64(beta, C, 0.0), out, prepared)
+    scale = invstd if gamma is None else invstd * gamma
+    y = _affine(x, axis, mean, scale, None if beta is None else beta.astype(np.float64), out,
+                prepared)
 
     if running_mean is not None:
         n = x.size // C
-        batch_var = var * (n / (n - 1)) if unbiased else var
-        running_mean[...] = (1.0 - momentum) * running_mean + momentum * mean
-        running_var[...] = (1.0 - momentum) * running_var + momentum * batch_var
+        running_mean *= 1.0 - momentum
+        running_mean += momentum * mean
+        running_var *= 1.0 - momentum
+        running_var += (momentum * n / (n - 1) if unbiased else momentum) * var
     return y, mean.astype(x.dtype), invstd.astype(x.dtype)
 
 
@@ -246,7 +257,8 @@ def batch_norm_infer(x, gamma, beta, running_mean, running_var, *, eps=1e-5,
     eps = check_eps(eps)
     out = check_out(out, x, x)
     scale = _f64(gamma, C, 1.0) / np.sqrt(running_var.astype(np.float64) + eps)
-    return _affine(x, axis, running_mean.astype(np.float64), scale, _f64(beta, C, 0.0), out)
+    return _affine(x, axis, running_mean.astype(np.float64), scale,
+                   None if beta is None else beta.astype(np.float64), out)
 
 
 def apply_affine(x, scale, shift, *, layout="NCHW", out=None):
@@ -322,21 +334,20 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, training=True, layou
         raise TypeError(f"training={training!r} must be True or False")
     out = check_out(out, x, x, dy)
 
-    K, nt = _backend.kernels(x.size)
     invstd = invstd.astype(np.float64)
-    g = _f64(gamma, C, 1.0)
-    a = g * invstd
+    a = invstd if gamma is None else invstd * gamma
     if not training and gamma is None:
-        return _affine(dy, axis, np.zeros(C), a, np.zeros(C), out), None, None
+        return _affine(dy, axis, np.zeros(C), a, None, out), None, None
 
-    kind, xv = _prepare(x, axis)
+    K, nt, kind, xv = _prepared(x, axis)
     dyv = _input(dy, axis, kind)
-    hi, lo = _split(mean.astype(np.float64), x.dtype)
+    hi, lo = (mean, 0.0) if mean.dtype == x.dtype else _split(mean.astype(np.float64), x.dtype)
     sdy = np.zeros(C)
     sdyx = np.zeros(C)
     if x.size:
         (K.dsum_nchw if kind == "ncs" else K.dsum_nhwc)(dyv, xv, hi, sdy, sdyx, nt)
-    sdyx -= lo * sdy  # sum(dy * (x - mean)) from sums about the rounded mean
+    if x.dtype != mean.dtype:
+        sdyx -= lo * sdy  # sum(dy * (x - mean)) from sums about the rounded mean
 
     if training:
         n = max(1, x.size // C)
@@ -348,7 +359,7 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, training=True, layou
                 dyv, xv, hi, a.astype(x.dtype), b.astype(x.dtype), d.astype(x.dtype), yv, nt)
         dx = _finish(y, pending)
     else:
-        dx = _affine(dy, axis, np.zeros(C), a, np.zeros(C), out)
+        dx = _affine(dy, axis, np.zeros(C), a, None, out)
     if gamma is None:
         return dx, None, None
     return dx, (sdyx * invstd).astype(x.dtype), sdy.astype(x.dtype)
