@@ -2,10 +2,24 @@
 
 Every backend module exposes the same kernel names and signatures (see
 ``_numba.py``), plus ``get_num_threads``/``set_num_threads``.
+
+Threads and processes:
+
+- Calls from several Python threads at once are safe.  Numba's ``workqueue``
+  threading layer is the exception (it aborts the process on concurrent
+  launches), so while it is the active layer the parallel kernels take one
+  process-wide lock; serial kernels (small inputs, one thread) never wait.
+- A process forked from one that has imported bn_fast runs every kernel on one
+  thread.  GNU OpenMP (Numba's ``omp`` layer, the Cython extension) aborts or
+  hangs a forked child that starts a parallel region after the parent did; with
+  one thread the Numba module calls its serial twins, and the Cython kernels
+  run a one-thread team, neither of which touches the thread pool.  Children
+  started with ``spawn`` or ``forkserver`` are fresh processes and use every core.
 """
 
 import importlib
 import os
+import threading
 import warnings
 
 MODULES = {"numba": "bn_fast._numba", "cython": "bn_fast._cython", "numpy": "bn_fast.reference"}
@@ -15,6 +29,19 @@ _loaded = {}     # name -> module, for backends imported so far
 _errors = {}     # name -> why it could not be imported
 _current = None  # (name, module)
 _threads = None  # what set_num_threads asked for; None means every core
+_forked = False  # True in a child created by fork(): run on one thread
+_serialised = None  # what kernels() hands out for Numba: the module, or it behind the lock
+_launch_lock = threading.Lock()
+
+
+def _after_fork_in_child():
+    global _forked, _launch_lock
+    _forked = True
+    _launch_lock = threading.Lock()  # a thread of the parent may have held it at fork time
+
+
+if hasattr(os, "register_at_fork"):  # POSIX; Windows has no fork
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _import(name):
@@ -89,18 +116,57 @@ def kernels(size):
     """The kernel module in use and the thread count for an input of ``size`` elements."""
     if _current is None:
         get_backend()
-    module = _current[1]
-    nthreads = max_threads() if _threads is None else _threads
-    if size < SERIAL_BELOW:
+    name, module = _current
+    if size < SERIAL_BELOW or _forked:
         return module, 1
-    if module.get_num_threads() != nthreads:
+    nthreads = get_num_threads()
+    if nthreads == 1:
+        return module, 1
+    if module.get_num_threads() != nthreads:  # this also starts Numba's thread pool
         # Numba's setting is per Python thread: make each calling thread agree.
         module.set_num_threads(nthreads)
+    if name == "numba":
+        return _numba_launcher(module), nthreads
     return module, nthreads
 
 
+class _Serialised:
+    """A kernel module whose kernels run one at a time, under ``_launch_lock``."""
+
+    def __init__(self, module):
+        self._module = module
+
+    def __getattr__(self, name):
+        kernel = getattr(self._module, name)
+
+        def locked(*args):
+            with _launch_lock:
+                return kernel(*args)
+        setattr(self, name, locked)  # later lookups skip __getattr__
+        return locked
+
+
+def _numba_launcher(module):
+    """``module``, or ``module`` behind the launch lock when Numba's layer is ``workqueue``.
+
+    The layer is known once Numba's thread pool has started (``kernels`` starts it
+    before asking) and cannot change afterwards.
+    """
+    global _serialised
+    if _serialised is None:
+        import numba
+
+        _serialised = _Serialised(module) if numba.threading_layer() == "workqueue" else module
+    return _serialised
+
+
 def max_threads():
-    """The compiled backend's thread limit (NUMBA_NUM_THREADS, OMP_NUM_THREADS), else the cores."""
+    """The compiled backend's thread limit (NUMBA_NUM_THREADS, OMP_NUM_THREADS), else the cores.
+
+    1 in a process forked from one that had imported bn_fast.
+    """
+    if _forked:
+        return 1
     for name in ("numba", "cython"):
         if name in _loaded:
             return _loaded[name].max_threads()
@@ -112,12 +178,18 @@ def set_num_threads(n):
     global _threads
     limit = max_threads()
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= limit:
-        raise ValueError(f"n={n!r} must be an integer from 1 to {limit} (the cores available)")
+        why = ("this process was forked from one that had imported bn_fast, and thread "
+               "pools do not survive fork(): start child processes with the 'spawn' or "
+               "'forkserver' method to use threads in them" if _forked
+               else "the cores available")
+        raise ValueError(f"n={n!r} must be an integer from 1 to {limit} ({why})")
     _threads = n
     for module in _loaded.values():
         module.set_num_threads(n)
 
 
 def get_num_threads():
-    """The number of threads the kernels use."""
+    """The number of threads the kernels use (1 in a process forked after importing bn_fast)."""
+    if _forked:
+        return 1
     return max_threads() if _threads is None else _threads
