@@ -111,6 +111,9 @@ def check_out(out, x, *inputs):
 
 
 def check_training_size(x, axis):
+    if x.shape[axis] == 0:
+        raise ValueError(f"x has shape {x.shape} with no channels (axis {axis} has size 0); "
+                         f"training needs at least one channel")
     if x.size // x.shape[axis] <= 1:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {x.shape}")

@@ -18,7 +18,10 @@ results.  Each kernel runs ``nthreads`` OpenMP threads.
 Variances are merged from blocks small enough to stay in L1: each block is
 summed twice (mean, then centred squares) and blocks are combined with Chan's
 parallel formula, so x is read from memory once for the statistics and
-E[x^2] - E[x]^2 cancellation never happens.
+E[x^2] - E[x]^2 cancellation never happens.  For float64 data the second pass
+also corrects each block mean by the mean deviation from it, so a constant
+channel gets its value as its mean exactly (and y == beta); float32 block sums
+are exact in float64 and need no correction.
 
 Strides are in bytes, as NumPy gives them.  Every inner loop is written once
 over a byte stride; the callers test for unit stride and pass ``sizeof(floating)``
@@ -107,15 +110,26 @@ cdef inline Moments _merge(Moments a, double nb, double mb, double qb) noexcept 
 
 cdef inline Moments _moments_run(const floating* v, Py_ssize_t n, Py_ssize_t sv,
                                  Moments acc) noexcept nogil:
-    """Merge n elements (one block) into acc: mean first, then centred squares."""
+    """Merge n elements (one block) into acc: mean first, then centred squares.
+
+    For float64 data the second pass also sums the deviations e and corrects the
+    mean by e / n (the corrected two-pass algorithm): s / n may be an ulp off, the
+    corrected mean of equal values is that value exactly, so a constant channel
+    normalises to exactly beta.  The float64 sum of a block of float32 values is
+    exact, so their s / n needs no correction.
+    """
     cdef Py_ssize_t i
-    cdef double s = 0.0, q = 0.0, m, d
+    cdef double s = 0.0, q = 0.0, e = 0.0, m, d
     for i in range(n):
         s += _at(v, i, sv)
     m = s / n
     for i in range(n):
         d = _at(v, i, sv) - m
         q += d * d
+        if floating is double:
+            e += d
+    if floating is double:
+        m, q = m + e / n, max(q - e * e / n, 0.0)
     return _merge(acc, <double>n, m, q)
 
 
@@ -149,23 +163,31 @@ cdef inline void _cols_add(const floating* row, Py_ssize_t sr, Py_ssize_t sc, in
 
 
 cdef inline void _cols_sq(const floating* row, Py_ssize_t sr, Py_ssize_t sc, int k,
-                          const double* m, double* acc, Py_ssize_t C) noexcept nogil:
-    """acc[c] += the sum of (x - m[c])**2 over k rows, sr bytes apart."""
+                          const double* m, double* acc, double* dev, Py_ssize_t C) noexcept nogil:
+    """acc[c] += the sum of (x - m[c])**2 over k rows, sr bytes apart; for float64 data
+    also dev[c] += the sum of x - m[c] (see _moments_run)."""
     cdef Py_ssize_t c
-    cdef double d, s
+    cdef double d, s, e
     for c in range(C):
         d = _at(row, c, sc) - m[c]
         s = d * d
+        e = d
         if k == 2:
             d = _at(_in(row, sr), c, sc) - m[c]
             s = s + d * d
+            e = e + d
         acc[c] += s
+        if floating is double:
+            dev[c] += e
 
 
 cdef inline void _block_moments(const floating* xb, Py_ssize_t nr, Py_ssize_t sr, Py_ssize_t sc,
-                                Py_ssize_t C, double* bm, double* bq, double* pm, double* pq,
-                                double na) noexcept nogil:
-    """Merge the column moments of nr rows into running (pm, pq) over na rows."""
+                                Py_ssize_t C, double* bm, double* bq, double* be, double* pm,
+                                double* pq, double na) noexcept nogil:
+    """Merge the column moments of nr rows into running (pm, pq) over na rows.
+
+    Float64 column means are corrected by the mean deviation be / nr, as in _moments_run.
+    """
     cdef Py_ssize_t r, c
     cdef double d, f
     cdef bint unit = sc == sizeof(floating)
@@ -173,6 +195,7 @@ cdef inline void _block_moments(const floating* xb, Py_ssize_t nr, Py_ssize_t sr
     for c in range(C):
         bm[c] = 0.0
         bq[c] = 0.0
+        be[c] = 0.0
     for r in range(0, nr - 1, 2):
         if unit:
             _cols_add(_in(xb, r * sr), sr, sizeof(floating), 2, bm, C)
@@ -184,13 +207,16 @@ cdef inline void _block_moments(const floating* xb, Py_ssize_t nr, Py_ssize_t sr
         bm[c] /= nr
     for r in range(0, nr - 1, 2):
         if unit:
-            _cols_sq(_in(xb, r * sr), sr, sizeof(floating), 2, bm, bq, C)
+            _cols_sq(_in(xb, r * sr), sr, sizeof(floating), 2, bm, bq, be, C)
         else:
-            _cols_sq(_in(xb, r * sr), sr, sc, 2, bm, bq, C)
+            _cols_sq(_in(xb, r * sr), sr, sc, 2, bm, bq, be, C)
     if nr % 2:
-        _cols_sq(last, sr, sc, 1, bm, bq, C)
+        _cols_sq(last, sr, sc, 1, bm, bq, be, C)
     f = nr / (na + nr)
     for c in range(C):
+        if floating is double:
+            bq[c] = max(bq[c] - be[c] * be[c] / nr, 0.0)
+            bm[c] += be[c] / nr
         d = bm[c] - pm[c]
         pm[c] += d * f
         pq[c] += bq[c] + d * d * na * f
@@ -314,7 +340,8 @@ def stats_nhwc(const floating[:, :] x, double[::1] mean, double[::1] var, int nt
     cdef Py_ssize_t nt = max(1, min(nthreads, R))
     cdef Py_ssize_t rows = max(8, BLOCK // max(C, 1))
     cdef double[:, ::1] pn = np.zeros((nt, C)), pm = np.zeros((nt, C)), pq = np.zeros((nt, C))
-    cdef double[:, ::1] bm = np.empty((nt, C)), bq = np.empty((nt, C))  # per-thread scratch
+    # Per-thread scratch: block means, centred squares and deviations.
+    cdef double[:, ::1] bm = np.empty((nt, C)), bq = np.empty((nt, C)), be = np.empty((nt, C))
     cdef const floating* x0 = &x[0, 0]
     cdef Py_ssize_t k, r0, r1, nr, c
     cdef double na
@@ -326,7 +353,7 @@ def stats_nhwc(const floating[:, :] x, double[::1] mean, double[::1] var, int nt
             while r0 < r1:
                 nr = min(rows, r1 - r0)
                 _block_moments(_in(x0, r0 * s0), nr, s0, s1, C,
-                               &bm[k, 0], &bq[k, 0], &pm[k, 0], &pq[k, 0], na)
+                               &bm[k, 0], &bq[k, 0], &be[k, 0], &pm[k, 0], &pq[k, 0], na)
                 na = na + nr
                 r0 = r0 + nr
             for c in range(C):

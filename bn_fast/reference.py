@@ -109,16 +109,24 @@ def _ncs(v):
     return v[None, :, None]
 
 
+def _corrected(d, axes, m, mean, var):
+    # Deviations d from a first mean m: correcting m by their mean makes the mean of a
+    # constant channel exactly its value (as in _cython.pyx).
+    e = d.mean(axis=axes)
+    mean[:] = m + e
+    var[:] = np.maximum((d * d).mean(axis=axes) - e * e, 0.0)
+
+
 def stats_nchw(x, mean, var, nthreads):
     x = x.astype(np.float64)
-    mean[:] = x.mean(axis=(0, 2))
-    var[:] = ((x - _ncs(mean)) ** 2).mean(axis=(0, 2))
+    m = x.mean(axis=(0, 2))
+    _corrected(x - _ncs(m), (0, 2), m, mean, var)
 
 
 def stats_nhwc(x, mean, var, nthreads):
     x = x.astype(np.float64)
-    mean[:] = x.mean(axis=0)
-    var[:] = ((x - mean) ** 2).mean(axis=0)
+    m = x.mean(axis=0)
+    _corrected(x - m, 0, m, mean, var)
 
 
 def affine_nchw(x, center, scale, shift, y, nthreads):
