@@ -350,7 +350,7 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, training=True, layou
         sdyx -= lo * sdy  # sum(dy * (x - mean)) from sums about the rounded mean
 
     if training:
-        n = max(1, x.size // C)
+        n = max(1, x.size // C) if C else 1
         b = -a * invstd * invstd * sdyx / n
         d = -a * sdy / n - lo * b
         y, yv, pending = _output(x, axis, kind, out, xv.shape)

@@ -25,8 +25,9 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-# No 'nnan'/'ninf': NaN in x must reach y.  'reassoc' lets LLVM vectorise sums.
-_FM = {"reassoc", "contract", "nsz", "arcp"}
+# No 'nnan'/'ninf': NaN in x must reach y.  'reassoc' lets LLVM vectorise sums.  No
+# 'arcp': a mean s / n must be a true division (equal values must give that value).
+_FM = {"reassoc", "contract", "nsz"}
 _PAR = dict(parallel=True, cache=True, nogil=True, fastmath=_FM)
 _SEQ = dict(cache=True, nogil=True, fastmath=_FM)
 BLOCK = 4096  # elements per statistics block: 16-32 KiB, stays in L1
@@ -105,6 +106,19 @@ def _merge(na, ma, qa, nb, mb, qb):
 
 
 @njit(**_SEQ)
+def _corrected(m, q, e, n):
+    """Mean and centred squares of n float64 values from e, the sum of their deviations from m.
+
+    The corrected two-pass algorithm: the first mean m = s / n may be an ulp off; the
+    corrected mean m + e / n of equal values is that value exactly, so a constant
+    channel normalises to exactly beta (an ulp off, its "variance" would be that ulp
+    squared, and y = beta +- gamma once that exceeds eps).  The float64 sum of float32
+    values is exact, so float32 data skip it (``itemsize`` is a compile-time constant).
+    """
+    return m + e / n, max(q - e * e / n, 0.0)
+
+
+@njit(**_SEQ)
 def _moments(v):
     """Mean and sum of centred squares of a 1-D run, two passes (short runs: in L1)."""
     s = 0.0
@@ -112,9 +126,14 @@ def _moments(v):
         s += v[i]
     m = s / v.shape[0]
     q = 0.0
+    e = 0.0
     for i in range(v.shape[0]):
         d = v[i] - m
         q += d * d
+        if v.itemsize == 8:
+            e += d
+    if v.itemsize == 8:
+        return _corrected(m, q, e, v.shape[0])
     return m, q
 
 
@@ -126,9 +145,14 @@ def _row_moments(xb, c):
         s += xb[c, i]
     m = s / xb.shape[1]
     q = 0.0
+    e = 0.0
     for i in range(xb.shape[1]):
         d = xb[c, i] - m
         q += d * d
+        if xb.itemsize == 8:
+            e += d
+    if xb.itemsize == 8:
+        return _corrected(m, q, e, xb.shape[1])
     return m, q
 
 
@@ -151,7 +175,7 @@ def _planes_moments(xb, pn, pm, pq):
 
 
 @njit(**_SEQ)
-def _block_moments(xb, bm, bq, pm, pq, na):
+def _block_moments(xb, bm, bq, be, pm, pq, na):
     """Merge the column moments of a block of rows into running (pm, pq) over na rows."""
     # Rows are taken four at a time: one load and store of the C-long float64
     # accumulators serves four rows, which matters when C is in the thousands.
@@ -169,6 +193,7 @@ def _block_moments(xb, bm, bq, pm, pq, na):
     for c in range(C):
         bm[c] /= nr
     bq[:] = 0.0
+    be[:] = 0.0
     for r in range(0, r4, 4):
         for c in range(C):
             m = bm[c]
@@ -177,10 +202,17 @@ def _block_moments(xb, bm, bq, pm, pq, na):
             d2 = xb[r + 2, c] - m
             d3 = xb[r + 3, c] - m
             bq[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+            if xb.itemsize == 8:  # float64: correct the means (_corrected)
+                be[c] += (d0 + d1) + (d2 + d3)
     for r in range(r4, nr):
         for c in range(C):
             d = xb[r, c] - bm[c]
             bq[c] += d * d
+            if xb.itemsize == 8:
+                be[c] += d
+    if xb.itemsize == 8:
+        for c in range(C):
+            bm[c], bq[c] = _corrected(bm[c], bq[c], be[c], nr)
     f = nr / (na + nr)
     for c in range(C):
         d = bm[c] - pm[c]
@@ -308,11 +340,12 @@ def stats_nhwc(x, mean, var, nthreads):
     for k in prange(nt):
         bm = np.empty(C)
         bq = np.empty(C)
+        be = np.empty(C)
         na = 0.0
         r1 = (k + 1) * R // nt
         for r0 in range(k * R // nt, r1, rows):
             xb = x[r0:min(r0 + rows, r1)]
-            _block_moments(xb, bm, bq, pm[k], pq[k], na)
+            _block_moments(xb, bm, bq, be, pm[k], pq[k], na)
             na += xb.shape[0]
         pn[k, :] = na
     _reduce_moments(pn, pm, pq, mean, var)

@@ -261,12 +261,7 @@ CONSTANTS = [0.0, 0.1, 1 / 3, -7.77, 3.14159e-3, 1e4 + 0.3, 1e30]
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(5, 3), (3, 4, 7, 5), (16, 4, 64, 64)],
                          ids=["rank2", "small", "threaded"])
-def test_constant_channel_gives_beta_exactly(backend, request, shape, dtype, layout):
-    if backend == "numba":
-        # Not strict: which cases miss depends on the values and the block split.
-        request.applymarker(pytest.mark.xfail(reason=(
-            "Numba's mean of equal values can be an ulp off: needs the corrected "
-            "two-pass mean (and no 'arcp') in bn_fast/_numba.py, as in _cython.pyx")))
+def test_constant_channel_gives_beta_exactly(backend, shape, dtype, layout):
     rng = np.random.default_rng(3)
     x = nchw_or_nhwc(rng.standard_normal(shape).astype(dtype), layout)
     C = shape[1]
