@@ -152,30 +152,32 @@ cdef inline Moments _plane_moments(const floating* v, Py_ssize_t n, Py_ssize_t s
 
 cdef inline void _cols_add(const floating* row, Py_ssize_t sr, Py_ssize_t sc, int k, double* acc,
                            Py_ssize_t C) noexcept nogil:
-    """acc[c] += the sum of k rows, sr bytes apart."""
+    """acc[c] += the sum of k (1 or 4) rows, sr bytes apart."""
     cdef Py_ssize_t c
     cdef double s
     for c in range(C):
         s = _at(row, c, sc)
-        if k == 2:
-            s = s + _at(_in(row, sr), c, sc)
+        if k == 4:
+            s = (s + _at(_in(row, sr), c, sc)) + (
+                <double>_at(_in(row, 2 * sr), c, sc) + _at(_in(row, 3 * sr), c, sc))
         acc[c] += s
 
 
 cdef inline void _cols_sq(const floating* row, Py_ssize_t sr, Py_ssize_t sc, int k,
                           const double* m, double* acc, double* dev, Py_ssize_t C) noexcept nogil:
-    """acc[c] += the sum of (x - m[c])**2 over k rows, sr bytes apart; for float64 data
-    also dev[c] += the sum of x - m[c] (see _moments_run)."""
-    cdef Py_ssize_t c
+    """acc[c] += the sum of (x - m[c])**2 over k (1 or 4) rows, sr bytes apart; for
+    float64 data also dev[c] += the sum of x - m[c] (see _moments_run)."""
+    cdef Py_ssize_t c, i
     cdef double d, s, e
     for c in range(C):
         d = _at(row, c, sc) - m[c]
         s = d * d
         e = d
-        if k == 2:
-            d = _at(_in(row, sr), c, sc) - m[c]
-            s = s + d * d
-            e = e + d
+        if k == 4:
+            for i in range(1, 4):
+                d = _at(_in(row, i * sr), c, sc) - m[c]
+                s = s + d * d
+                e = e + d
         acc[c] += s
         if floating is double:
             dev[c] += e
@@ -191,27 +193,27 @@ cdef inline void _block_moments(const floating* xb, Py_ssize_t nr, Py_ssize_t sr
     cdef Py_ssize_t r, c
     cdef double d, f
     cdef bint unit = sc == sizeof(floating)
-    cdef const floating* last = _in(xb, (nr - 1) * sr)
     for c in range(C):
         bm[c] = 0.0
         bq[c] = 0.0
         be[c] = 0.0
-    for r in range(0, nr - 1, 2):
+    # Four rows at a time: one pass over the C-long accumulators serves four rows.
+    for r in range(0, nr - nr % 4, 4):
         if unit:
-            _cols_add(_in(xb, r * sr), sr, sizeof(floating), 2, bm, C)
+            _cols_add(_in(xb, r * sr), sr, sizeof(floating), 4, bm, C)
         else:
-            _cols_add(_in(xb, r * sr), sr, sc, 2, bm, C)
-    if nr % 2:
-        _cols_add(last, sr, sc, 1, bm, C)
+            _cols_add(_in(xb, r * sr), sr, sc, 4, bm, C)
+    for r in range(nr - nr % 4, nr):
+        _cols_add(_in(xb, r * sr), sr, sc, 1, bm, C)
     for c in range(C):
         bm[c] /= nr
-    for r in range(0, nr - 1, 2):
+    for r in range(0, nr - nr % 4, 4):
         if unit:
-            _cols_sq(_in(xb, r * sr), sr, sizeof(floating), 2, bm, bq, be, C)
+            _cols_sq(_in(xb, r * sr), sr, sizeof(floating), 4, bm, bq, be, C)
         else:
-            _cols_sq(_in(xb, r * sr), sr, sc, 2, bm, bq, be, C)
-    if nr % 2:
-        _cols_sq(last, sr, sc, 1, bm, bq, be, C)
+            _cols_sq(_in(xb, r * sr), sr, sc, 4, bm, bq, be, C)
+    for r in range(nr - nr % 4, nr):
+        _cols_sq(_in(xb, r * sr), sr, sc, 1, bm, bq, be, C)
     f = nr / (na + nr)
     for c in range(C):
         if floating is double:
@@ -338,7 +340,8 @@ def stats_nhwc(const floating[:, :] x, double[::1] mean, double[::1] var, int nt
     cdef Py_ssize_t R = x.shape[0], C = x.shape[1]
     cdef Py_ssize_t s0 = x.strides[0], s1 = x.strides[1]
     cdef Py_ssize_t nt = max(1, min(nthreads, R))
-    cdef Py_ssize_t rows = max(8, BLOCK // max(C, 1))
+    # As in _numba.py: blocks of ~4 BLOCKs, so wide rows do not pay per-block overhead often.
+    cdef Py_ssize_t rows = max(16, 4 * BLOCK // max(C, 1))
     cdef double[:, ::1] pn = np.zeros((nt, C)), pm = np.zeros((nt, C)), pq = np.zeros((nt, C))
     # Per-thread scratch: block means, centred squares and deviations.
     cdef double[:, ::1] bm = np.empty((nt, C)), bq = np.empty((nt, C)), be = np.empty((nt, C))
