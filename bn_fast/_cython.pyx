@@ -86,9 +86,18 @@ cdef inline Py_ssize_t _batches(Py_ssize_t N, Py_ssize_t C, int nthreads) noexce
     return max(1, min(N, (4 * nthreads + C - 1) // C))
 
 
-cdef inline Py_ssize_t _pieces(Py_ssize_t P, Py_ssize_t S, int nthreads) noexcept nogil:
-    # Cut each of P planes into pieces when there are too few planes to balance threads.
-    return max(1, min(S // 1024, (8 * nthreads + P - 1) // P))
+cdef inline Py_ssize_t _channel_chunk(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                                      int nthreads, Py_ssize_t* k) noexcept nogil:
+    """Channels per task of an element-wise kernel on (N, C, S); sets k, the pieces per plane.
+
+    As in _numba.py: short planes are grouped so that a task has about BLOCK elements
+    (per-plane task bookkeeping would cost more than 7x7 planes' work), and long planes
+    are cut when there are too few of them to balance the threads.
+    """
+    cdef Py_ssize_t cb = max(1, min(C, BLOCK // max(S, 1)))
+    cdef Py_ssize_t tasks = N * ((C + cb - 1) // cb)
+    k[0] = max(1, min(S // 1024, (8 * nthreads + tasks - 1) // tasks))
+    return cb if k[0] == 1 else 1
 
 
 cdef inline Moments _no_moments() noexcept nogil:
@@ -371,27 +380,30 @@ def affine_nchw(const floating[:, :, :] x, const floating[::1] center,
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2]
     cdef Py_ssize_t s0 = x.strides[0], s1 = x.strides[1], s2 = x.strides[2]
     cdef Py_ssize_t o0 = y.strides[0], o1 = y.strides[1], o2 = y.strides[2]
-    cdef Py_ssize_t k = _pieces(N * C, S, nthreads)
+    cdef Py_ssize_t k
+    cdef Py_ssize_t cb = _channel_chunk(N, C, S, nthreads, &k)
+    cdef Py_ssize_t nc = (C + cb - 1) // cb
     cdef const floating* x0 = &x[0, 0, 0]
     cdef floating* y0 = &y[0, 0, 0]
-    cdef Py_ssize_t t, p, j, n, c, lo, hi
+    cdef Py_ssize_t t, p, j, n, c, c0, lo, hi
     cdef const floating* v
     cdef floating* o
     with nogil:
-        for t in prange(N * C * k, num_threads=nthreads, schedule="static"):
-            p = t // k
-            j = t - p * k
-            n = p // C
-            c = p - n * C
-            lo = j * S // k
-            hi = (j + 1) * S // k
-            v = _in(x0, n * s0 + c * s1 + lo * s2)
-            o = _out(y0, n * o0 + c * o1 + lo * o2)
-            if s2 == sizeof(floating) and o2 == sizeof(floating):
-                _affine_run(v, sizeof(floating), o, sizeof(floating), hi - lo,
-                            center[c], scale[c], shift[c])
-            else:
-                _affine_run(v, s2, o, o2, hi - lo, center[c], scale[c], shift[c])
+        for t in prange(N * nc * k, num_threads=nthreads, schedule="static"):
+            n = t // (nc * k)
+            j = t - n * nc * k
+            c0 = j // k * cb
+            p = j - j // k * k
+            lo = p * S // k
+            hi = (p + 1) * S // k
+            for c in range(c0, min(C, c0 + cb)):
+                v = _in(x0, n * s0 + c * s1 + lo * s2)
+                o = _out(y0, n * o0 + c * o1 + lo * o2)
+                if s2 == sizeof(floating) and o2 == sizeof(floating):
+                    _affine_run(v, sizeof(floating), o, sizeof(floating), hi - lo,
+                                center[c], scale[c], shift[c])
+                else:
+                    _affine_run(v, s2, o, o2, hi - lo, center[c], scale[c], shift[c])
 
 
 def affine_nhwc(const floating[:, :] x, const floating[::1] center, const floating[::1] scale,
@@ -484,30 +496,33 @@ def dx_nchw(const floating[:, :, :] dy, const floating[:, :, :] x, const floatin
     cdef Py_ssize_t s0 = x.strides[0], s1 = x.strides[1], s2 = x.strides[2]
     cdef Py_ssize_t g0 = dy.strides[0], g1 = dy.strides[1], g2 = dy.strides[2]
     cdef Py_ssize_t o0 = dx.strides[0], o1 = dx.strides[1], o2 = dx.strides[2]
-    cdef Py_ssize_t k = _pieces(N * C, S, nthreads)
+    cdef Py_ssize_t k
+    cdef Py_ssize_t cb = _channel_chunk(N, C, S, nthreads, &k)
+    cdef Py_ssize_t nc = (C + cb - 1) // cb
     cdef const floating* x0 = &x[0, 0, 0]
     cdef const floating* d0 = &dy[0, 0, 0]
     cdef floating* y0 = &dx[0, 0, 0]
-    cdef Py_ssize_t t, p, j, n, c, lo, hi
+    cdef Py_ssize_t t, p, j, n, c, c0, lo, hi
     cdef const floating* g
     cdef const floating* v
     cdef floating* o
     with nogil:
-        for t in prange(N * C * k, num_threads=nthreads, schedule="static"):
-            p = t // k
-            j = t - p * k
-            n = p // C
-            c = p - n * C
-            lo = j * S // k
-            hi = (j + 1) * S // k
-            g = _in(d0, n * g0 + c * g1 + lo * g2)
-            v = _in(x0, n * s0 + c * s1 + lo * s2)
-            o = _out(y0, n * o0 + c * o1 + lo * o2)
-            if g2 == sizeof(floating) and s2 == sizeof(floating) and o2 == sizeof(floating):
-                _dx_run(g, sizeof(floating), v, sizeof(floating), o, sizeof(floating), hi - lo,
-                        mean[c], a[c], b[c], d[c])
-            else:
-                _dx_run(g, g2, v, s2, o, o2, hi - lo, mean[c], a[c], b[c], d[c])
+        for t in prange(N * nc * k, num_threads=nthreads, schedule="static"):
+            n = t // (nc * k)
+            j = t - n * nc * k
+            c0 = j // k * cb
+            p = j - j // k * k
+            lo = p * S // k
+            hi = (p + 1) * S // k
+            for c in range(c0, min(C, c0 + cb)):
+                g = _in(d0, n * g0 + c * g1 + lo * g2)
+                v = _in(x0, n * s0 + c * s1 + lo * s2)
+                o = _out(y0, n * o0 + c * o1 + lo * o2)
+                if g2 == sizeof(floating) and s2 == sizeof(floating) and o2 == sizeof(floating):
+                    _dx_run(g, sizeof(floating), v, sizeof(floating), o, sizeof(floating),
+                            hi - lo, mean[c], a[c], b[c], d[c])
+                else:
+                    _dx_run(g, g2, v, s2, o, o2, hi - lo, mean[c], a[c], b[c], d[c])
 
 
 def dx_nhwc(const floating[:, :] dy, const floating[:, :] x, const floating[::1] mean,
