@@ -351,9 +351,11 @@ def stats_nhwc(const floating[:, :] x, double[::1] mean, double[::1] var, int nt
     cdef Py_ssize_t nt = max(1, min(nthreads, R))
     # As in _numba.py: blocks of ~4 BLOCKs, so wide rows do not pay per-block overhead often.
     cdef Py_ssize_t rows = max(16, 4 * BLOCK // max(C, 1))
-    cdef double[:, ::1] pn = np.zeros((nt, C)), pm = np.zeros((nt, C)), pq = np.zeros((nt, C))
-    # Per-thread scratch: block means, centred squares and deviations.
-    cdef double[:, ::1] bm = np.empty((nt, C)), bq = np.empty((nt, C)), be = np.empty((nt, C))
+    # One allocation for all of it (small calls pay per array): per-thread partial counts,
+    # means and centred squares, then scratch for block means, squares and deviations.
+    cdef double[:, :, ::1] buf = np.zeros((6, nt, C))
+    cdef double[:, ::1] pn = buf[0], pm = buf[1], pq = buf[2]
+    cdef double[:, ::1] bm = buf[3], bq = buf[4], be = buf[5]
     cdef const floating* x0 = &x[0, 0]
     cdef Py_ssize_t k, r0, r1, nr, c
     cdef double na
