@@ -256,10 +256,16 @@ def _planes_dsums(gb, vb, mean, p1, p2):
 
 @njit(**_SEQ)
 def _block_dsums(gb, vb, mean, p1, p2):
+    # Private accumulators: rows p1[k] of neighbouring threads can share a cache line,
+    # and updating them once per row made two threads slower than one (false sharing).
+    s1 = np.zeros(vb.shape[1])
+    s2 = np.zeros(vb.shape[1])
     for r in range(vb.shape[0]):
         for c in range(vb.shape[1]):
-            p1[c] += gb[r, c]
-            p2[c] += gb[r, c] * (vb[r, c] - mean[c])
+            s1[c] += gb[r, c]
+            s2[c] += gb[r, c] * (vb[r, c] - mean[c])
+    p1[:] = s1
+    p2[:] = s2
 
 
 @njit(**_SEQ)
