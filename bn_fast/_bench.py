@@ -2,7 +2,8 @@
 
 Every case is one operation (training forward, inference, backward) on one shape in
 one layout.  Times are medians of repeated calls, each allocating its output, after
-one untimed warm-up call (so Numba's compilation is never timed).  The fraction of
+five untimed warm-up calls (so neither Numba's compilation nor the first touches of
+fresh memory, slow for a few calls on a virtual machine, are timed).  The fraction of
 memory bandwidth compares the least traffic the operation needs with a plain
 ``np.copyto`` of a large array measured in the same run.
 """
@@ -37,9 +38,12 @@ COPY_BYTES = 256 * 2**20
 
 # ---------------------------------------------------------------- measuring
 
+WARMUP_CALLS = 5  # compilation, then first touches of fresh memory (slow for a few calls in a VM)
+
+
 def median_time(fn, budget, *, min_reps=3, warmup=True):
     """Median seconds of ``fn()``: at least ``min_reps`` calls and about ``budget`` seconds."""
-    if warmup:
+    for _ in range(WARMUP_CALLS if warmup else 0):
         fn()
     times = []
     start = time.perf_counter()
@@ -231,8 +235,9 @@ def footer(results, cfg, torch_note):
         "bw/copy: least bytes the op must move / time / copy bandwidth, counting inference 2,",
         "  training 3 and backward 5 passes over x; above 1 means the data stayed in cache.",
         f"Times: medians of calls that allocate their output, about {cfg['budget']} s per case "
-        "after a warm-up",
-        "  call; the NumPy reference is not warmed up and gets the calls that fit (n, at least 1).",
+        f"after {WARMUP_CALLS}",
+        "  warm-up calls; the NumPy reference is not warmed up and gets the calls that fit "
+        "(n, at least 1).",
     ]
     if torch_note:
         lines.append(f"PyTorch columns omitted: torch is not importable ({torch_note}).")
