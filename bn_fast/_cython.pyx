@@ -100,6 +100,25 @@ cdef inline Py_ssize_t _channel_chunk(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
     return cb if k[0] == 1 else 1
 
 
+ctypedef struct Task:  # batch n, channels c0:c1 and plane piece lo:hi of an element-wise task
+    Py_ssize_t n, c0, c1, lo, hi
+
+
+cdef inline Task _task(Py_ssize_t t, Py_ssize_t nc, Py_ssize_t k, Py_ssize_t cb, Py_ssize_t C,
+                       Py_ssize_t S) noexcept nogil:
+    """Task t of N * nc * k, as _task in _numba.py."""
+    cdef Task r
+    cdef Py_ssize_t j, p
+    r.n = t // (nc * k)
+    j = t - r.n * nc * k
+    r.c0 = j // k * cb
+    r.c1 = min(C, r.c0 + cb)
+    p = j - j // k * k
+    r.lo = p * S // k
+    r.hi = (p + 1) * S // k
+    return r
+
+
 cdef inline Moments _no_moments() noexcept nogil:
     cdef Moments r
     r.n = r.m = r.q = 0.0
@@ -389,18 +408,15 @@ def affine_nchw(const floating[:, :, :] x, const floating[::1] center,
     cdef Py_ssize_t nc = (C + cb - 1) // cb
     cdef const floating* x0 = &x[0, 0, 0]
     cdef floating* y0 = &y[0, 0, 0]
-    cdef Py_ssize_t t, p, j, n, c, c0, lo, hi
+    cdef Py_ssize_t t, n, c, lo, hi
+    cdef Task tk
     cdef const floating* v
     cdef floating* o
     with nogil:
         for t in prange(N * nc * k, num_threads=nthreads, schedule="static"):
-            n = t // (nc * k)
-            j = t - n * nc * k
-            c0 = j // k * cb
-            p = j - j // k * k
-            lo = p * S // k
-            hi = (p + 1) * S // k
-            for c in range(c0, min(C, c0 + cb)):
+            tk = _task(t, nc, k, cb, C, S)
+            n, lo, hi = tk.n, tk.lo, tk.hi
+            for c in range(tk.c0, tk.c1):
                 v = _in(x0, n * s0 + c * s1 + lo * s2)
                 o = _out(y0, n * o0 + c * o1 + lo * o2)
                 if s2 == sizeof(floating) and o2 == sizeof(floating):
@@ -508,19 +524,16 @@ def dx_nchw(const floating[:, :, :] dy, const floating[:, :, :] x, const floatin
     cdef const floating* x0 = &x[0, 0, 0]
     cdef const floating* d0 = &dy[0, 0, 0]
     cdef floating* y0 = &dx[0, 0, 0]
-    cdef Py_ssize_t t, p, j, n, c, c0, lo, hi
+    cdef Py_ssize_t t, n, c, lo, hi
+    cdef Task tk
     cdef const floating* g
     cdef const floating* v
     cdef floating* o
     with nogil:
         for t in prange(N * nc * k, num_threads=nthreads, schedule="static"):
-            n = t // (nc * k)
-            j = t - n * nc * k
-            c0 = j // k * cb
-            p = j - j // k * k
-            lo = p * S // k
-            hi = (p + 1) * S // k
-            for c in range(c0, min(C, c0 + cb)):
+            tk = _task(t, nc, k, cb, C, S)
+            n, lo, hi = tk.n, tk.lo, tk.hi
+            for c in range(tk.c0, tk.c1):
                 g = _in(d0, n * g0 + c * g1 + lo * g2)
                 v = _in(x0, n * s0 + c * s1 + lo * s2)
                 o = _out(y0, n * o0 + c * o1 + lo * o2)
