@@ -99,10 +99,11 @@ def _split(center, dtype):
     """Split a float64 centre into x's dtype plus a float64 remainder.
 
     ``x - hi`` is exact for x near the centre, so the kernel can work in x's dtype
-    and the remainder is folded into the shift, without float32 cancellation.
+    and the remainder is folded into the shift, without float32 cancellation.  A
+    centre that already has x's dtype needs no split: its remainder is 0.
     """
-    if dtype == np.float64:
-        return center, 0.0
+    if center.dtype == dtype:
+        return np.ascontiguousarray(center), 0.0  # the Cython kernels take contiguous vectors
     hi = center.astype(dtype)
     return hi, center - hi
 
@@ -135,19 +136,12 @@ def _affine(x, axis, center, scale, shift, out, prepared=None):
     """
     K, nt, kind, xv = prepared or _prepared(x, axis)
     hi, lo = _split(center, x.dtype)
-    if shift is None:
-        shift = -lo * scale
-    elif x.dtype != np.float64:
-        shift = shift - lo * scale
+    shift = -lo * scale if shift is None else shift - lo * scale
     y, yv, pending = _output(x, axis, kind, out, xv.shape)
     if x.size:
         f = K.affine_nchw if kind == "ncs" else K.affine_nhwc
         f(xv, hi, scale.astype(x.dtype), shift.astype(x.dtype), yv, nt)
     return _finish(y, pending)
-
-
-def _f64(a, C, default):
-    return np.full(C, default) if a is None else a.astype(np.float64)
 
 
 # ---------------------------------------------------------------- public functions
@@ -256,8 +250,8 @@ def batch_norm_infer(x, gamma, beta, running_mean, running_var, *, eps=1e-5,
     running_var = check_vector("running_var", running_var, x, C, layout)
     eps = check_eps(eps)
     out = check_out(out, x, x)
-    scale = _f64(gamma, C, 1.0) / np.sqrt(running_var.astype(np.float64) + eps)
-    return _affine(x, axis, running_mean.astype(np.float64), scale,
+    scale = (1.0 if gamma is None else gamma) / np.sqrt(running_var.astype(np.float64) + eps)
+    return _affine(x, axis, running_mean, scale,
                    None if beta is None else beta.astype(np.float64), out)
 
 
@@ -284,8 +278,8 @@ def apply_affine(x, scale, shift, *, layout="NCHW", out=None):
     scale = check_vector("scale", scale, x, C, layout)
     shift = check_vector("shift", shift, x, C, layout)
     out = check_out(out, x, x)
-    return _affine(x, axis, np.zeros(C), scale.astype(np.float64), shift.astype(np.float64),
-                   out)
+    return _affine(x, axis, np.zeros(C, x.dtype), scale.astype(np.float64),
+                   shift.astype(np.float64), out)
 
 
 def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, training=True, layout="NCHW",
@@ -337,17 +331,16 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, training=True, layou
     invstd = invstd.astype(np.float64)
     a = invstd if gamma is None else invstd * gamma
     if not training and gamma is None:
-        return _affine(dy, axis, np.zeros(C), a, None, out), None, None
+        return _affine(dy, axis, np.zeros(C, x.dtype), a, None, out), None, None
 
     K, nt, kind, xv = _prepared(x, axis)
     dyv = _input(dy, axis, kind)
-    hi, lo = (mean, 0.0) if mean.dtype == x.dtype else _split(mean.astype(np.float64), x.dtype)
+    hi, lo = _split(mean, x.dtype)
     sdy = np.zeros(C)
     sdyx = np.zeros(C)
     if x.size:
         (K.dsum_nchw if kind == "ncs" else K.dsum_nhwc)(dyv, xv, hi, sdy, sdyx, nt)
-    if x.dtype != mean.dtype:
-        sdyx -= lo * sdy  # sum(dy * (x - mean)) from sums about the rounded mean
+    sdyx -= lo * sdy  # sum(dy * (x - mean)) from sums about the rounded mean
 
     if training:
         n = max(1, x.size // C) if C else 1
@@ -359,7 +352,7 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, training=True, layou
                 dyv, xv, hi, a.astype(x.dtype), b.astype(x.dtype), d.astype(x.dtype), yv, nt)
         dx = _finish(y, pending)
     else:
-        dx = _affine(dy, axis, np.zeros(C), a, None, out)
+        dx = _affine(dy, axis, np.zeros(C, x.dtype), a, None, out)
     if gamma is None:
         return dx, None, None
     return dx, (sdyx * invstd).astype(x.dtype), sdy.astype(x.dtype)

@@ -317,3 +317,26 @@ def test_thread_counts_give_the_same_results(backend, rng, nthreads):
     yr, mr, sr = ref.batch_norm_train(x)
     assert_close(y, yr, np.float64, 10)
     assert_close(mean, mr, np.float64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_strided_per_channel_vectors(backend, rng, dtype):
+    # Every-other-element views as running stats, gamma/beta and saved mean/invstd.
+    x = make_x(rng, (4, 3, 5), dtype)
+    dy = make_x(rng, (4, 3, 5), dtype, loc=0.0)
+    gamma, beta, rm, rv = (np.repeat(p, 2)[::2] for p in make_params(rng, 3, dtype))
+    assert not rm.flags.c_contiguous
+    assert_close(bnf.batch_norm_infer(x, gamma, beta, rm, rv),
+                 ref.batch_norm_infer(x, gamma, beta, rm, rv), dtype, 10)
+    _, mean, invstd = ref.batch_norm_train(x)
+    got = bnf.batch_norm_backward(dy, x, np.repeat(mean, 2)[::2], np.repeat(invstd, 2)[::2],
+                                  gamma)
+    want = ref.batch_norm_backward(dy, x, mean, invstd, gamma)
+    for a, b in zip(got, want):
+        assert_close(a, b, dtype, 100)
+    rm2, rv2 = rm.copy(), rv.copy()
+    y, _, _ = bnf.batch_norm_train(x, gamma, beta, running_mean=rm, running_var=rv)
+    yr, _, _ = ref.batch_norm_train(x, gamma, beta, running_mean=rm2, running_var=rv2)
+    assert_close(y, yr, dtype, 10)
+    assert_close(rm, rm2, dtype)
+    assert_close(rv, rv2, dtype)
