@@ -1,7 +1,7 @@
 """``python -m bn_fast``: bench, info, warmup, fold.
 
     python -m bn_fast bench [--quick] [--threads N] [--dtype float32|float64]
-                            [--backend NAME] [--json FILE]
+                            [--backend NAME] [--json FILE] [--plot FILE.png]
                             [--ops train,infer,backward] [--layouts NCHW,NHWC]
                             [--shapes 32x64x112x112,1024x4096]
     python -m bn_fast info
@@ -17,7 +17,7 @@ import numpy as np
 
 import bn_fast as bnf
 
-from . import _backend, _bench
+from . import _backend, _bench, _plot
 from . import onnx as _onnx
 
 
@@ -57,13 +57,18 @@ def build_parser():
     b = sub.add_parser("bench", help="time bn_fast against the NumPy reference and PyTorch",
                        description="Time training forward, inference and backward on "
                        "ResNet-50-like shapes in both layouts against the NumPy reference "
-                       "backend and PyTorch (when installed).")
+                       "backend and PyTorch, and inference against ONNX Runtime (each when "
+                       "installed).")
     b.add_argument("--quick", action="store_true",
                    help="smaller shapes and shorter timings (well under a minute)")
-    b.add_argument("--threads", type=int, help="threads for bn_fast and torch (default: all)")
+    b.add_argument("--threads", type=int, help="threads for bn_fast, torch and onnxruntime "
+                   "(default: all)")
     b.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     b.add_argument("--backend", help="bn_fast backend to time (default: the active one)")
     b.add_argument("--json", metavar="FILE", help="also write every result to FILE")
+    b.add_argument("--plot", metavar="FILE.png",
+                   help="also draw the speedup over PyTorch per case to FILE.png "
+                   "(needs matplotlib: pip install 'bn_fast[plot]')")
     b.add_argument("--ops", type=_choices(_bench.OPS), default=_bench.OPS,
                    help="comma-separated subset of train,infer,backward")
     b.add_argument("--layouts", type=_choices(_bench.LAYOUTS), default=_bench.LAYOUTS,
@@ -92,9 +97,14 @@ def _run_bench(args):
             bnf.set_num_threads(args.threads)
         except ValueError as exc:
             args.error(f"--threads: {exc}")
+    if args.plot:
+        try:
+            _plot.require_matplotlib()
+        except ImportError as exc:
+            args.error(f"--plot: {exc}")
     _bench.bench(backend=backend, threads=bnf.get_num_threads(), dtype=args.dtype,
                  quick=args.quick, shapes=args.shapes, ops=args.ops, layouts=args.layouts,
-                 json_path=args.json)
+                 json_path=args.json, plot_path=args.plot)
 
 
 # ---------------------------------------------------------------- info

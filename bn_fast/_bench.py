@@ -1,11 +1,12 @@
-"""``python -m bn_fast bench``: time bn_fast against its NumPy reference and PyTorch.
+"""``python -m bn_fast bench``: time bn_fast against its NumPy reference, PyTorch and ONNX Runtime.
 
 Every case is one operation (training forward, inference, backward) on one shape in
-one layout.  Times are medians of repeated calls, each allocating its output, after
-five untimed warm-up calls (so neither Numba's compilation nor the first touches of
-fresh memory, slow for a few calls on a virtual machine, are timed).  The fraction of
-memory bandwidth compares the least traffic the operation needs with a plain
-``np.copyto`` of a large array measured in the same run.
+one layout; ONNX Runtime, an inference engine, is timed on inference only.  Times are
+medians of repeated calls, each allocating its output, after five untimed warm-up calls
+(so neither Numba's compilation nor the first touches of fresh memory, slow for a few
+calls on a virtual machine, are timed).  The fraction of memory bandwidth compares the
+least traffic the operation needs with a plain ``np.copyto`` of a large array measured
+in the same run.
 """
 
 import importlib.metadata
@@ -22,6 +23,8 @@ import numpy as np
 
 import bn_fast as bnf
 
+from . import _plot
+
 # Logical (N, C, ...) shapes; NHWC arrays are built channels-last, (N, ..., C).
 SHAPES = [(32, 64, 112, 112), (32, 256, 56, 56), (32, 2048, 7, 7), (8, 64, 32, 32),
           (1024, 4096)]
@@ -34,6 +37,10 @@ LAYOUTS = ("NCHW", "NHWC")
 # (sums, then dx) and writes dx.
 PASSES = {"train": 3, "infer": 2, "backward": 5}
 COPY_BYTES = 256 * 2**20
+# BatchNormalization as in opset 15 (training_mode since 14, scale and mean types apart since
+# 15), in IR version 8 (opset 15's), so any onnxruntime of bn_fast[onnx] loads the model.
+ORT_OPSET, ORT_IR_VERSION = 15, 8
+EPS = 1e-5  # batch_norm_infer's default, set in the ONNX model (a float32 attribute there)
 
 
 # ---------------------------------------------------------------- measuring
@@ -80,7 +87,8 @@ def machine_info():
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
             "python": platform.python_version(), "bn_fast": bnf.__version__,
-            "numpy": np.__version__, "numba": _version("numba"), "torch": _version("torch")}
+            "numpy": np.__version__, "numba": _version("numba"), "torch": _version("torch"),
+            "onnxruntime": _version("onnxruntime"), "onnx": _version("onnx")}
 
 
 def _version(dist):
@@ -97,6 +105,19 @@ def import_torch():
     except Exception as exc:  # ImportError, or a broken install raising something else
         return None, f"{type(exc).__name__}: {exc}"
     return torch, None
+
+
+def import_ort():
+    """((onnx, onnxruntime), None), or (None, why they cannot be imported).
+
+    Imported here, when the bench runs, never by ``import bn_fast``.
+    """
+    try:
+        import onnx
+        import onnxruntime
+    except Exception as exc:  # as for torch
+        return None, f"{type(exc).__name__}: {exc}"
+    return (onnx, onnxruntime), None
 
 
 # ---------------------------------------------------------------- cases
@@ -159,7 +180,33 @@ def torch_calls(torch, d, ops):
     return calls
 
 
-def run_case(d, ops, backend, torch, budget):
+def ort_calls(ort, d, threads):
+    """Inference as a one-node ONNX model run by ONNX Runtime, on ``threads`` threads.
+
+    ONNX's BatchNormalization is channels-first, so NHWC cases get the same logical
+    tensor in NCHW order (transposed once, here, not timed).
+    """
+    onnx, onnxruntime = ort
+    helper, numpy_helper = onnx.helper, onnx.numpy_helper
+    x = np.ascontiguousarray(np.moveaxis(d.x, -1, 1)) if d.layout == "NHWC" else d.x
+    elem = helper.np_dtype_to_tensor_dtype(x.dtype)
+    params = dict(zip(("scale", "B", "mean", "var"), (d.gamma, d.beta, *d.running)))
+    graph = helper.make_graph(
+        [helper.make_node("BatchNormalization", ["x", *params], ["y"], epsilon=EPS)],
+        "bn_fast_bench", [helper.make_tensor_value_info("x", elem, x.shape)],
+        [helper.make_tensor_value_info("y", elem, x.shape)],
+        initializer=[numpy_helper.from_array(a, name) for name, a in params.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ORT_OPSET)],
+                              ir_version=ORT_IR_VERSION)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    sess = onnxruntime.InferenceSession(model.SerializeToString(), options,
+                                        providers=["CPUExecutionProvider"])
+    return {"infer": lambda: sess.run(None, {"x": x})}
+
+
+def run_case(d, ops, backend, torch, ort, threads, budget):
     """Time ``ops`` on one input; return one result dict per op."""
     bnf.set_backend(backend)
     ours = {op: median_time(f, budget) for op, f in bn_fast_calls(d).items() if op in ops}
@@ -171,16 +218,20 @@ def run_case(d, ops, backend, torch, budget):
     if torch is not None:
         theirs = {op: median_time(f, budget) for op, f in torch_calls(torch, d, ops).items()
                   if op in ops}
+    engine = {}
+    if ort is not None and "infer" in ops:
+        engine = {op: median_time(f, budget) for op, f in ort_calls(ort, d, threads).items()}
     return [{"op": op, "layout": d.layout, "shape": list(d.shape),
              "array_shape": list(d.x.shape), "dtype": d.x.dtype.name, "mb": d.x.nbytes / 1e6,
              "min_bytes": PASSES[op] * d.x.nbytes, "bn_fast": ours[op], "numpy": ref[op],
-             "torch": theirs.get(op)} for op in ops]
+             "torch": theirs.get(op), "ort": engine.get(op)} for op in ops]
 
 
 def add_ratios(r, bandwidth):
     t = r["bn_fast"]["median_s"]
     r["speedup_numpy"] = r["numpy"]["median_s"] / t
     r["speedup_torch"] = r["torch"]["median_s"] / t if r["torch"] else None
+    r["speedup_ort"] = r["ort"]["median_s"] / t if r["ort"] else None
     r["bandwidth_fraction"] = r["min_bytes"] / t / bandwidth
 
 
@@ -191,12 +242,14 @@ def geomean(values):
 
 # ---------------------------------------------------------------- report
 
-def _columns(backend, torch):
+def _columns(backend, torch, ort):
     cols = [("op", 8, "{op}"), ("layout", 6, "{layout}"), ("shape", 15, "{shape_s}"),
             ("MB", 6, "{mb:.1f}"), (f"{backend} ms", 10, "{ours:.3f}"),
             ("numpy ms (n)", 15, "{ref:.2f} ({ref_n})"), ("x numpy", 7, "{speedup_numpy:.1f}")]
     if torch is not None:
         cols += [("torch ms", 9, "{theirs:.3f}"), ("x torch", 7, "{speedup_torch:.2f}")]
+    if ort is not None:  # inference only: blank on the other rows
+        cols += [("ort ms", 9, "{engine_s}"), ("x ort", 6, "{speedup_ort_s}")]
     return cols + [("bw/copy", 7, "{bandwidth_fraction:.2f}")]
 
 
@@ -207,7 +260,9 @@ def format_row(cols, r=None):
     values = dict(r, shape_s="x".join(map(str, r["array_shape"])),
                   ours=1e3 * r["bn_fast"]["median_s"], ref=1e3 * r["numpy"]["median_s"],
                   ref_n=r["numpy"]["reps"],
-                  theirs=1e3 * r["torch"]["median_s"] if r["torch"] else 0.0)
+                  theirs=1e3 * r["torch"]["median_s"] if r["torch"] else 0.0,
+                  engine_s=f"{1e3 * r['ort']['median_s']:.3f}" if r["ort"] else "",
+                  speedup_ort_s=f"{r['speedup_ort']:.2f}" if r["ort"] else "")
     return "  ".join(fmt.format(**values).rjust(w) if i > 2 else fmt.format(**values).ljust(w)
                      for i, (_, w, fmt) in enumerate(cols))
 
@@ -217,21 +272,37 @@ def header(info, cfg):
     copies = ", ".join(f"{k} thread{'s' * (k > 1)} {v / 1e9:.1f}"
                        for k, v in bw["by_threads"].items())
     torch = f", torch {info['torch']}" if cfg["torch"] else ""
+    ort = f", onnxruntime {info['onnxruntime']}" if cfg["ort"] else ""
     return (f"bn_fast {info['bn_fast']} bench | {info['cpu']}, {info['cores']} cores | "
-            f"numpy {info['numpy']}, numba {info['numba']}{torch}\n"
+            f"numpy {info['numpy']}, numba {info['numba']}{torch}{ort}\n"
             f"backend {cfg['backend']}, {cfg['threads']} threads, {cfg['dtype']} | "
             f"copy bandwidth {bw['bytes_per_s'] / 1e9:.1f} GB/s "
             f"(np.copyto of {COPY_BYTES >> 20} MB, GB/s by threads: {copies})")
 
 
-def footer(results, cfg, torch_note):
-    n = len(results)
-    lines = ["", f"geometric mean over {n} case{'s' * (n != 1)}: "
+def _cases(n):
+    return f"{n} case{'s' * (n != 1)}"
+
+
+def footer(results, cfg, torch_note, ort_note):
+    lines = ["", f"geometric mean over {_cases(len(results))}: "
              f"{geomean(r['speedup_numpy'] for r in results):.1f}x the NumPy reference"]
     if cfg["torch"]:
         lines[-1] += f", {geomean(r['speedup_torch'] for r in results):.2f}x PyTorch"
+    engine = [r["speedup_ort"] for r in results if r["ort"]]
+    if engine:
+        lines.append(f"geometric mean over the {_cases(len(engine))} of inference: "
+                     f"{geomean(engine):.2f}x ONNX Runtime")
     lines += [
-        "x numpy, x torch: their time / bn_fast's time (above 1: bn_fast is faster).",
+        "x numpy, x torch, x ort: their time / bn_fast's time (above 1: bn_fast is faster)."]
+    if engine:
+        lines += [
+            f"ort: onnxruntime's sess.run of a one-node ONNX model (BatchNormalization, opset "
+            f"{ORT_OPSET}), inference only,",
+            f"  intra-op threads {cfg['threads']}, inter-op 1. ONNX BatchNormalization is "
+            f"channels-first, so NHWC cases",
+            "  give it the same logical tensor in NCHW order, transposed once before timing."]
+    lines += [
         "bw/copy: least bytes the op must move / time / copy bandwidth, counting inference 2,",
         "  training 3 and backward 5 passes over x; above 1 means the data stayed in cache.",
         f"Times: medians of calls that allocate their output, about {cfg['budget']} s per case "
@@ -241,26 +312,37 @@ def footer(results, cfg, torch_note):
     ]
     if torch_note:
         lines.append(f"PyTorch columns omitted: torch is not importable ({torch_note}).")
+    if ort_note:
+        lines.append(f"ONNX Runtime columns omitted: onnx and onnxruntime are needed "
+                     f"({ort_note}); pip install 'bn_fast[onnx]'.")
     return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- command
 
-def bench(*, backend, threads, dtype, quick, shapes, ops, layouts, json_path):
-    """Run the benchmark, print the table, optionally write JSON; return the results."""
+def bench(*, backend, threads, dtype, quick, shapes, ops, layouts, json_path, plot_path=None):
+    """Run the benchmark, print the table, optionally write JSON and a plot; return the results.
+
+    ONNX Runtime is timed when ``ops`` has inference and onnx and onnxruntime import.
+    ``plot_path`` needs matplotlib, checked before anything is timed.
+    """
+    if plot_path:
+        _plot.require_matplotlib()
     budget = 0.1 if quick else 0.3
     shapes = shapes or (QUICK_SHAPES if quick else SHAPES)
     torch, torch_note = import_torch()
     if torch is not None:
         torch.set_num_threads(threads)
+    ort, ort_note = import_ort() if "infer" in ops else (None, None)
     bandwidth, by_threads = copy_bandwidth(threads, budget)
     info = machine_info()
     cfg = {"backend": backend, "threads": threads, "dtype": np.dtype(dtype).name,
-           "quick": quick, "budget": budget, "torch": torch is not None,
+           "quick": quick, "budget": budget, "torch": torch is not None, "ort": ort is not None,
+           "ort_opset": ORT_OPSET if ort else None,
            "copy_bandwidth": {"bytes_per_s": bandwidth, "by_threads": by_threads,
                               "array_bytes": COPY_BYTES}}
     print(header(info, cfg), end="\n\n")
-    cols = _columns(backend, torch)
+    cols = _columns(backend, torch, ort)
     print(format_row(cols), flush=True)
     rng = np.random.default_rng(0)
     results = []
@@ -269,19 +351,24 @@ def bench(*, backend, threads, dtype, quick, shapes, ops, layouts, json_path):
         for shape in shapes:
             for layout in layouts:
                 bnf.set_backend(backend)
-                for r in run_case(Data(shape, layout, dtype, rng), ops, backend, torch, budget):
+                d = Data(shape, layout, dtype, rng)
+                for r in run_case(d, ops, backend, torch, ort, threads, budget):
                     add_ratios(r, bandwidth)
                     results.append(r)
                     print(format_row(cols, r), flush=True)
     finally:
         bnf.set_backend(previous)
-    print(footer(results, cfg, torch_note))
+    print(footer(results, cfg, torch_note, ort_note))
     if json_path:
         summary = {"geomean_speedup_numpy": geomean(r["speedup_numpy"] for r in results),
-                   "geomean_speedup_torch": geomean(r["speedup_torch"] for r in results)}
-        doc = {"machine": info, "config": cfg, "torch_note": torch_note, "results": results,
-               "summary": summary}
+                   "geomean_speedup_torch": geomean(r["speedup_torch"] for r in results),
+                   "geomean_speedup_ort": geomean(r["speedup_ort"] for r in results)}
+        doc = {"machine": info, "config": cfg, "torch_note": torch_note, "ort_note": ort_note,
+               "results": results, "summary": summary}
         with open(json_path, "w") as f:
             json.dump(doc, f, indent=1)
         print(f"results written to {json_path}", file=sys.stderr)
+    if plot_path:
+        _plot.plot_speedups(results, info, cfg, plot_path)
+        print(f"plot written to {plot_path}", file=sys.stderr)
     return results

@@ -8,10 +8,11 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import bn_fast as bnf
-from bn_fast import _bench
+from bn_fast import _bench, _plot
 
 SHAPES = [(4, 3, 5, 5), (16, 8)]
 SHAPES_ARG = ",".join("x".join(map(str, s)) for s in SHAPES)
@@ -20,6 +21,17 @@ SHAPES_ARG = ",".join("x".join(map(str, s)) for s in SHAPES)
 def run(*args, env=None, python_args=("-m", "bn_fast")):
     return subprocess.run([sys.executable, *python_args, *args], capture_output=True, text=True,
                           timeout=300, env={**os.environ, **(env or {})})
+
+
+def without(module):
+    """python_args that run ``python -m bn_fast`` as if ``module`` were not installed."""
+    return ("-c", f"import runpy, sys; sys.modules[{module!r}] = None; "
+                  f"runpy.run_module('bn_fast', run_name='__main__')")
+
+
+def needs_ort():
+    pytest.importorskip("onnx", reason="the ONNX Runtime column needs onnx to build its model")
+    return pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
 
 
 def test_bench_json_has_every_case(tmp_path):
@@ -68,16 +80,129 @@ def test_bench_json_has_every_case(tmp_path):
 
 def test_bench_without_torch_omits_its_columns(tmp_path):
     path = tmp_path / "bench.json"
-    code = ("import runpy, sys; sys.modules['torch'] = None; "
-            "runpy.run_module('bn_fast', run_name='__main__')")
     r = run("bench", "--quick", "--threads", "1", "--shapes", "16x8", "--ops", "infer",
-            "--layouts", "NHWC", "--json", str(path), python_args=("-c", code))
+            "--layouts", "NHWC", "--json", str(path), python_args=without("torch"))
     assert r.returncode == 0, r.stderr
     assert "torch ms" not in r.stdout and "PyTorch columns omitted" in r.stdout
     doc = json.loads(path.read_text())
     assert [(x["op"], x["layout"]) for x in doc["results"]] == [("infer", "NHWC")]
     assert doc["results"][0]["torch"] is None and doc["config"]["torch"] is False
     assert doc["summary"]["geomean_speedup_torch"] is None
+
+
+def test_bench_times_onnx_runtime_on_inference_only(tmp_path):
+    needs_ort()
+    path = tmp_path / "bench.json"
+    r = run("bench", "--quick", "--threads", "1", "--shapes", "4x3x5x5", "--ops", "train,infer",
+            "--json", str(path))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    head = next(line for line in lines if line.startswith("op "))
+    # the two right-aligned ORT columns: "ort ms" (width 9) and "x ort" (width 6)
+    span = slice(head.index("ort ms") - 3, head.index("x ort") + len("x ort"))
+    rows = [line for line in lines if line.split()[:1] in (["train"], ["infer"])]
+    assert len(rows) == 4
+    doc = json.loads(path.read_text())
+    assert doc["config"]["ort"] is True and doc["ort_note"] is None
+    assert doc["machine"]["onnxruntime"]
+    for row, x in zip(rows, doc["results"]):
+        cells = row[span].split()
+        assert row.split()[:2] == [x["op"], x["layout"]]
+        if x["op"] == "infer":
+            assert x["ort"]["median_s"] > 0 and x["ort"]["reps"] >= 3
+            assert x["speedup_ort"] == pytest.approx(
+                x["ort"]["median_s"] / x["bn_fast"]["median_s"])
+            assert [float(c) for c in cells] == [
+                pytest.approx(1e3 * x["ort"]["median_s"], abs=1e-3),
+                pytest.approx(x["speedup_ort"], abs=0.01)]
+        else:
+            assert x["ort"] is None and x["speedup_ort"] is None
+            assert cells == []
+    infer = [x["speedup_ort"] for x in doc["results"] if x["op"] == "infer"]
+    assert doc["summary"]["geomean_speedup_ort"] == pytest.approx(math.sqrt(math.prod(infer)))
+    assert "over the 2 cases of inference" in r.stdout
+    assert "NHWC cases\n  give it the same logical tensor in NCHW order" in r.stdout
+
+
+@pytest.mark.parametrize("module", ["onnxruntime", "onnx"])
+def test_bench_without_onnx_runtime_omits_its_columns(tmp_path, module):
+    path = tmp_path / "bench.json"
+    r = run("bench", "--quick", "--threads", "1", "--shapes", "16x8", "--ops", "infer",
+            "--layouts", "NCHW", "--json", str(path), python_args=without(module))
+    assert r.returncode == 0, r.stderr
+    assert "ort ms" not in r.stdout and "x ort " not in r.stdout
+    note = next(line for line in r.stdout.splitlines() if "ONNX Runtime columns omitted" in line)
+    assert module in note and "pip install 'bn_fast[onnx]'" in note
+    doc = json.loads(path.read_text())
+    assert doc["results"][0]["ort"] is None and doc["results"][0]["speedup_ort"] is None
+    assert doc["config"]["ort"] is False and module in doc["ort_note"]
+    assert doc["summary"]["geomean_speedup_ort"] is None
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("layout", _bench.LAYOUTS)
+@pytest.mark.parametrize("shape", [(4, 3, 5, 5), (2, 3, 4, 5, 2), (16, 8)])
+def test_onnx_runtime_peer_computes_the_same_inference(dtype, layout, shape):
+    ort = (pytest.importorskip("onnx"), needs_ort())
+    rng = np.random.default_rng(7)
+    d = _bench.Data(shape, layout, dtype, rng)
+    # small variances, so that a wrong eps would show
+    d.running = (rng.standard_normal(shape[1]).astype(dtype),
+                 rng.uniform(1e-4, 1e-3, shape[1]).astype(dtype))
+    (y,) = _bench.ort_calls(ort, d, 1)["infer"]()
+    # ONNX attributes are float32: the model's epsilon is EPS rounded to float32
+    eps = float(np.float32(_bench.EPS))
+    expected = bnf.batch_norm_infer(d.x, d.gamma, d.beta, *d.running, eps=eps, layout=layout)
+    if layout == "NHWC":  # ONNX Runtime got the NCHW-ordered tensor
+        expected = np.moveaxis(expected, -1, 1)
+    assert y.dtype == dtype and y.shape == shape
+    np.testing.assert_allclose(y, expected, rtol=1e-5 if dtype == np.float32 else 1e-12,
+                               atol=1e-5 if dtype == np.float32 else 1e-12)
+
+
+def test_bench_plot_writes_a_png(tmp_path):
+    image = pytest.importorskip("matplotlib.image", reason="--plot needs matplotlib")
+    path = tmp_path / "bench.png"
+    r = run("bench", "--quick", "--threads", "1", "--shapes", "16x8", "--layouts", "NCHW",
+            "--plot", str(path))
+    assert r.returncode == 0, r.stderr
+    assert f"plot written to {path}" in r.stderr
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    pixels = image.imread(path)
+    assert pixels.ndim == 3 and pixels.shape[0] > 100 and pixels.shape[1] > 100
+    assert pixels.shape[2] in (3, 4) and pixels.std() > 0  # not a blank canvas
+
+
+def test_bench_plot_without_matplotlib_fails_before_timing(tmp_path):
+    path = tmp_path / "bench.png"
+    r = run("bench", "--quick", "--threads", "1", "--shapes", "16x8", "--plot", str(path),
+            python_args=without("matplotlib"))
+    assert r.returncode == 2
+    assert "--plot: plotting needs matplotlib, which is not installed" in r.stderr
+    assert "pip install matplotlib" in r.stderr and "bn_fast[plot]" in r.stderr
+    assert r.stdout == "" and not path.exists()  # nothing was timed
+
+
+@pytest.mark.parametrize("torch_present", [True, False])
+def test_plot_shows_speedup_over_pytorch_or_the_numpy_reference(torch_present):
+    pytest.importorskip("matplotlib", reason="--plot needs matplotlib")
+    results = [{"op": op, "layout": layout, "array_shape": [16, 8],
+                "speedup_torch": 1.5 if torch_present else None, "speedup_numpy": 12.0}
+               for op in _bench.OPS for layout in _bench.LAYOUTS]
+    info = {"bn_fast": bnf.__version__, "cpu": "Test CPU 9000"}
+    cfg = {"torch": torch_present, "threads": 2, "dtype": "float64", "backend": "cython"}
+    ax = _plot.speedup_figure(results, info, cfg).axes[0]
+    title = ax.get_title()
+    assert "Test CPU 9000, 2 threads, float64, cython backend" in title
+    assert ("over PyTorch" in title) is torch_present
+    assert ("over the NumPy reference (PyTorch not installed)" in title) is not torch_present
+    assert [p.get_width() for p in ax.patches] == [1.5 if torch_present else 12.0] * 6
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert labels[:2] == ["train  NCHW  16x8", "train  NHWC  16x8"]
+    assert labels[-1] == "backward  NHWC  16x8"
+    vlines = {line.get_xdata()[0]: line.get_linestyle() for line in ax.get_lines()}
+    assert vlines == ({1.0: "-", 1.2: "--"} if torch_present else {1.0: "-"})
+    assert ax.get_xscale() == "log"
 
 
 def test_info_names_the_backend():
