@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from . import _backend
+from . import _backend, _buffers
 from ._checks import (
     check_eps,
     check_float_array,
@@ -82,9 +82,9 @@ def _output(x, axis, kind, out, shape):
             return out, v, None
     target = _target(x, kind)
     if axis == target:
-        y = np.empty(x.shape, dtype=x.dtype)
+        y = _buffers.empty(x.shape, x.dtype)
         return y, y.reshape(shape), out
-    moved = np.empty(_moved(x, axis, kind).shape, dtype=x.dtype)
+    moved = _buffers.empty(_moved(x, axis, kind).shape, x.dtype)
     return np.moveaxis(moved, target, axis), moved.reshape(shape), out
 
 
@@ -106,6 +106,15 @@ def _split(center, dtype):
         return np.ascontiguousarray(center), 0.0  # the Cython kernels take contiguous vectors
     hi = center.astype(dtype)
     return hi, center - hi
+
+
+def _ones(v, C):
+    """A per-channel vector as float64, 1 where it is None (no gamma)."""
+    return np.ones(C) if v is None else v.astype(np.float64)
+
+
+def _zeros(v, C):
+    return np.zeros(C) if v is None else v.astype(np.float64)
 
 
 def _prepare(x, axis):
@@ -199,11 +208,17 @@ def batch_norm_train(x, gamma=None, beta=None, *, running_mean=None, running_var
     K, nt, kind, xv = prepared = _prepared(x, axis)
     mean = np.empty(C)
     var = np.empty(C)
-    (K.stats_nchw if kind == "ncs" else K.stats_nhwc)(xv, mean, var, nt)
-    invstd = 1.0 / np.sqrt(var + eps)
-    scale = invstd if gamma is None else invstd * gamma
-    y = _affine(x, axis, mean, scale, None if beta is None else beta.astype(np.float64), out,
-                prepared)
+    if kind == "ncs" and K.fuses(*xv.shape, nt):
+        y, yv, pending = _output(x, axis, kind, out, xv.shape)
+        K.train_nchw(xv, _ones(gamma, C), _zeros(beta, C), eps, mean, var, yv, nt)
+        y = _finish(y, pending)
+        invstd = 1.0 / np.sqrt(var + eps)
+    else:
+        (K.stats_nchw if kind == "ncs" else K.stats_nhwc)(xv, mean, var, nt)
+        invstd = 1.0 / np.sqrt(var + eps)
+        scale = invstd if gamma is None else invstd * gamma
+        y = _affine(x, axis, mean, scale, None if beta is None else beta.astype(np.float64),
+                    out, prepared)
 
     if running_mean is not None:
         n = x.size // C
@@ -338,6 +353,14 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, training=True, layou
     hi, lo = _split(mean, x.dtype)
     sdy = np.zeros(C)
     sdyx = np.zeros(C)
+    if training and kind == "ncs" and x.size and K.fuses(*xv.shape, nt):
+        y, yv, pending = _output(x, axis, kind, out, xv.shape)
+        K.backward_nchw(dyv, xv, hi, lo if np.ndim(lo) else np.zeros(C), invstd,
+                        _ones(gamma, C), sdy, sdyx, yv, nt)
+        dx = _finish(y, pending)
+        if gamma is None:
+            return dx, None, None
+        return dx, (sdyx * invstd).astype(x.dtype), sdy.astype(x.dtype)
     if x.size:
         (K.dsum_nchw if kind == "ncs" else K.dsum_nhwc)(dyv, xv, hi, sdy, sdyx, nt)
     sdyx -= lo * sdy  # sum(dy * (x - mean)) from sums about the rounded mean

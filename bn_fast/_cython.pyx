@@ -32,7 +32,7 @@ fastmath, but not to assume away NaN).
 
 cimport openmp
 from cython.parallel cimport prange
-from libc.math cimport NAN
+from libc.math cimport NAN, sqrt
 
 import numpy as np
 
@@ -568,3 +568,93 @@ def dx_nhwc(const floating[:, :] dy, const floating[:, :] x, const floating[::1]
                 else:
                     _dx_cols(_in(d0, r * g0), g1, _in(x0, r * s0), s1,
                              _out(y0, r * o0), o1, C, &mean[0], &a[0], &b[0], &d[0])
+
+
+def fuses(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int nthreads):
+    """Whether train_nchw and backward_nchw serve an (N, C, S) input, as in _numba.py."""
+    return S > 1 and C >= 4 * nthreads
+
+
+def train_nchw(const floating[:, :, :] x, const double[::1] gamma, const double[::1] beta,
+               double eps, double[::1] mean, double[::1] var, floating[:, :, :] y,
+               int nthreads):
+    """stats_nchw and the normalisation in one pass over memory, as in _numba.py.
+
+    Each task normalises its channel right after summing it, while it is in cache.
+    """
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2]
+    cdef Py_ssize_t s0 = x.strides[0], s1 = x.strides[1], s2 = x.strides[2]
+    cdef Py_ssize_t o0 = y.strides[0], o1 = y.strides[1], o2 = y.strides[2]
+    cdef const floating* x0 = &x[0, 0, 0]
+    cdef floating* y0 = &y[0, 0, 0]
+    cdef Py_ssize_t c, n
+    cdef Moments acc
+    cdef double a
+    cdef floating hi, scale, shift
+    cdef const floating* v
+    cdef floating* o
+    with nogil:
+        for c in prange(C, num_threads=nthreads, schedule="static"):
+            acc = _no_moments()
+            for n in range(N):
+                acc = _plane_moments(_in(x0, n * s0 + c * s1), S, s2, acc)
+            mean[c] = acc.m
+            var[c] = acc.q / acc.n
+            a = 1.0 / sqrt(var[c] + eps) * gamma[c]
+            hi = <floating>acc.m  # the mean rounded to x's dtype, as _api._split does
+            scale = <floating>a
+            shift = <floating>(beta[c] - (acc.m - hi) * a)
+            for n in range(N):
+                v = _in(x0, n * s0 + c * s1)
+                o = _out(y0, n * o0 + c * o1)
+                if s2 == sizeof(floating) and o2 == sizeof(floating):
+                    _affine_run(v, sizeof(floating), o, sizeof(floating), S, hi, scale, shift)
+                else:
+                    _affine_run(v, s2, o, o2, S, hi, scale, shift)
+
+
+def backward_nchw(const floating[:, :, :] dy, const floating[:, :, :] x,
+                  const floating[::1] center, const double[::1] lo, const double[::1] invstd,
+                  const double[::1] gamma, double[::1] sdy, double[::1] sdyx,
+                  floating[:, :, :] dx, int nthreads):
+    """dsum_nchw and dx_nchw for batch statistics in one pass over memory, as in _numba.py."""
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2]
+    cdef Py_ssize_t s0 = x.strides[0], s1 = x.strides[1], s2 = x.strides[2]
+    cdef Py_ssize_t g0 = dy.strides[0], g1 = dy.strides[1], g2 = dy.strides[2]
+    cdef Py_ssize_t o0 = dx.strides[0], o1 = dx.strides[1], o2 = dx.strides[2]
+    cdef bint unit = (s2 == sizeof(floating) and g2 == sizeof(floating)
+                      and o2 == sizeof(floating))
+    cdef const floating* x0 = &x[0, 0, 0]
+    cdef const floating* d0 = &dy[0, 0, 0]
+    cdef floating* y0 = &dx[0, 0, 0]
+    cdef double count = <double>(N * S)
+    cdef Py_ssize_t c, n
+    cdef double t1, t2, a, b, d
+    cdef const floating* g
+    cdef const floating* v
+    with nogil:
+        for c in prange(C, num_threads=nthreads, schedule="static"):
+            t1 = 0.0
+            t2 = 0.0
+            for n in range(N):
+                g = _in(d0, n * g0 + c * g1)
+                v = _in(x0, n * s0 + c * s1)
+                if unit:
+                    _dsums_run(g, sizeof(floating), v, sizeof(floating), S, center[c], &t1, &t2)
+                else:
+                    _dsums_run(g, g2, v, s2, S, center[c], &t1, &t2)
+            sdy[c] = t1
+            sdyx[c] = t2 - lo[c] * t1  # sum(dy * (x - mean)) from sums about the centre
+            a = invstd[c] * gamma[c]
+            b = -a * invstd[c] * invstd[c] * sdyx[c] / count
+            d = -a * t1 / count - lo[c] * b
+            for n in range(N):
+                g = _in(d0, n * g0 + c * g1)
+                v = _in(x0, n * s0 + c * s1)
+                if unit:
+                    _dx_run(g, sizeof(floating), v, sizeof(floating),
+                            _out(y0, n * o0 + c * o1), sizeof(floating), S, center[c],
+                            <floating>a, <floating>b, <floating>d)
+                else:
+                    _dx_run(g, g2, v, s2, _out(y0, n * o0 + c * o1), o2, S, center[c],
+                            <floating>a, <floating>b, <floating>d)

@@ -311,6 +311,55 @@ def _dx_rows(gb, vb, m, a, b, d, ob):
             ob[r, c] = gb[r, c] * a[c] + (vb[r, c] - m[c]) * b[c] + d[c]
 
 
+@njit(**_SEQ)
+def _train_block(x, c0, c1, gamma, beta, eps, mean, var, y):
+    """Statistics of channels c0:c1 over the whole batch, then their normalisation."""
+    k = c1 - c0
+    pn = np.zeros(k)
+    pm = np.zeros(k)
+    pq = np.zeros(k)
+    for n in range(x.shape[0]):
+        _planes_moments(x[n, c0:c1], pn, pm, pq)
+    center = np.empty(k, x.dtype)  # the mean rounded to x's dtype, as _api._split does
+    scale = np.empty(k, x.dtype)
+    shift = np.empty(k, x.dtype)
+    for i in range(k):
+        c = c0 + i
+        mean[c] = pm[i]
+        var[c] = pq[i] / pn[i]
+        a = 1.0 / np.sqrt(var[c] + eps) * gamma[c]
+        center[i] = pm[i]
+        scale[i] = a
+        shift[i] = beta[c] - (pm[i] - center[i]) * a
+    for n in range(x.shape[0]):
+        _affine_planes(x[n, c0:c1], center, scale, shift, y[n, c0:c1])
+
+
+@njit(**_SEQ)
+def _backward_block(dy, x, c0, c1, center, lo, invstd, gamma, sdy, sdyx, dx):
+    """Gradient sums of channels c0:c1 over the whole batch, then their dx."""
+    k = c1 - c0
+    n_ = float(x.shape[0] * x.shape[2])
+    p1 = np.zeros(k)
+    p2 = np.zeros(k)
+    for n in range(x.shape[0]):
+        _planes_dsums(dy[n, c0:c1], x[n, c0:c1], center[c0:c1], p1, p2)
+    a_ = np.empty(k, x.dtype)
+    b_ = np.empty(k, x.dtype)
+    d_ = np.empty(k, x.dtype)
+    for i in range(k):
+        c = c0 + i
+        sdy[c] = p1[i]
+        sdyx[c] = p2[i] - lo[c] * p1[i]  # sum(dy * (x - mean)) from sums about the centre
+        a = invstd[c] * gamma[c]
+        b = -a * invstd[c] * invstd[c] * sdyx[c] / n_
+        a_[i] = a
+        b_[i] = b
+        d_[i] = -a * sdy[c] / n_ - lo[c] * b
+    for n in range(x.shape[0]):
+        _dx_planes(dy[n, c0:c1], x[n, c0:c1], center[c0:c1], a_, b_, d_, dx[n, c0:c1])
+
+
 # ---------------------------------------------------------------- kernels
 
 @_kernel
@@ -440,3 +489,42 @@ def dx_nhwc(dy, x, mean, a, b, d, dx, nthreads):
     for j in prange(k):
         r0, r1 = j * R // k, (j + 1) * R // k
         _dx_rows(dy[r0:r1], x[r0:r1], mean, a, b, d, dx[r0:r1])
+
+
+def fuses(N, C, S, nthreads):
+    """Whether train_nchw and backward_nchw serve an (N, C, S) input.
+
+    Otherwise the API calls stats/dsum and then affine/dx, two passes over memory.
+    """
+    # They split over channels only, which leaves threads idle when channels are few.
+    return S > 1 and C >= 4 * nthreads
+
+
+@_kernel
+def train_nchw(x, gamma, beta, eps, mean, var, y, nthreads):
+    """stats_nchw and the normalisation in one pass over memory, on (N, C, S) views.
+
+    Each task normalises its block of channels right after summing it, while the
+    block is still in cache, so x is read from memory once instead of twice.
+    gamma, beta: float64 (C,); mean, var (biased): float64 outputs.
+    """
+    N, C, S = x.shape
+    cb = max(1, min(C // (4 * nthreads), BLOCK // max(S, 1)))  # as stats_nchw: same sums
+    nc = (C + cb - 1) // cb
+    for t in prange(nc):
+        _train_block(x, t * cb, min(C, t * cb + cb), gamma, beta, eps, mean, var, y)
+
+
+@_kernel
+def backward_nchw(dy, x, center, lo, invstd, gamma, sdy, sdyx, dx, nthreads):
+    """dsum_nchw and dx_nchw for batch statistics in one pass over memory.
+
+    The mean is ``center + lo`` (center in x's dtype, lo float64); invstd, gamma:
+    float64 (C,); sdy and sdyx (about the mean) are float64 outputs.
+    """
+    N, C, S = x.shape
+    cb = max(1, min(C // (4 * nthreads), BLOCK // max(S, 1)))
+    nc = (C + cb - 1) // cb
+    for t in prange(nc):
+        _backward_block(dy, x, t * cb, min(C, t * cb + cb), center, lo, invstd, gamma,
+                        sdy, sdyx, dx)

@@ -340,3 +340,39 @@ def test_strided_per_channel_vectors(backend, rng, dtype):
     assert_close(y, yr, dtype, 10)
     assert_close(rm, rm2, dtype)
     assert_close(rv, rv2, dtype)
+
+
+# Channels-first inputs big enough for the parallel kernels (>= 32768 elements): with
+# 16 channels training and backward take the fused one-pass kernels (a block of
+# channels summed, then normalised), with 4 the separate passes split over the batch.
+@pytest.mark.parametrize("C", [4, 16])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("view", ["contiguous", "strided planes", "in place"])
+def test_parallel_nchw_paths_match_reference(backend, rng, C, dtype, view):
+    before = bnf.get_num_threads()
+    base = make_x(rng, (4, C, 48, 72), dtype)
+    x = base[:, :, :, ::2] if view == "strided planes" else base
+    dy = make_x(rng, x.shape, dtype, loc=0.0)
+    gamma, beta, rm, rv = make_params(rng, C, dtype)
+    rm2, rv2 = rm.copy(), rv.copy()
+    yr, mr, sr = ref.batch_norm_train(x, gamma, beta, running_mean=rm2, running_var=rv2)
+    want = ref.batch_norm_backward(dy, x, mr, sr, gamma)
+    x_in, dy_in = x.copy(), dy.copy()
+    try:
+        bnf.set_num_threads(min(2, before))
+        y, mean, invstd = bnf.batch_norm_train(x_in, gamma, beta, running_mean=rm,
+                                               running_var=rv,
+                                               out=x_in if view == "in place" else None)
+        got = bnf.batch_norm_backward(dy_in, x, mean, invstd, gamma,
+                                      out=dy_in if view == "in place" else None)
+    finally:
+        bnf.set_num_threads(before)
+    assert_close(y, yr, dtype, 10)
+    assert_close(mean, mr, dtype)
+    assert_close(invstd, sr, dtype, 10)
+    assert_close(rm, rm2, dtype)
+    assert_close(rv, rv2, dtype, 10)
+    for a, b in zip(got, want):
+        assert_close(a, b, dtype, 100)
+    if view == "in place":
+        assert y is x_in and got[0] is dy_in
