@@ -82,9 +82,9 @@ def _output(x, axis, kind, out, shape):
             return out, v, None
     target = _target(x, kind)
     if axis == target:
-        y = _buffers.empty(x.shape, x.dtype)
+        y = _buffers.empty(x.shape, x.dtype, x.nbytes)
         return y, y.reshape(shape), out
-    moved = _buffers.empty(_moved(x, axis, kind).shape, x.dtype)
+    moved = _buffers.empty(_moved(x, axis, kind).shape, x.dtype, x.nbytes)
     return np.moveaxis(moved, target, axis), moved.reshape(shape), out
 
 
@@ -141,15 +141,18 @@ def _prepared(x, axis):
 def _affine(x, axis, center, scale, shift, out, prepared=None):
     """y = (x - center) * scale + shift per channel, computed in x's dtype.
 
-    ``shift`` may be None (zero); float64 arrays of length C otherwise.
+    ``scale``: float64 (C,); ``shift``: None (zero) or (C,) of x's dtype or float64.
     """
     K, nt, kind, xv = prepared or _prepared(x, axis)
     hi, lo = _split(center, x.dtype)
-    shift = -lo * scale if shift is None else shift - lo * scale
+    if shift is None:
+        shift = np.zeros(len(scale)) if isinstance(lo, float) else -lo * scale
+    elif not isinstance(lo, float):
+        shift = shift.astype(np.float64) - lo * scale
     y, yv, pending = _output(x, axis, kind, out, xv.shape)
     if x.size:
         f = K.affine_nchw if kind == "ncs" else K.affine_nhwc
-        f(xv, hi, scale.astype(x.dtype), shift.astype(x.dtype), yv, nt)
+        f(xv, hi, scale.astype(x.dtype), np.ascontiguousarray(shift, x.dtype), yv, nt)
     return _finish(y, pending)
 
 
@@ -217,15 +220,17 @@ def batch_norm_train(x, gamma=None, beta=None, *, running_mean=None, running_var
         (K.stats_nchw if kind == "ncs" else K.stats_nhwc)(xv, mean, var, nt)
         invstd = 1.0 / np.sqrt(var + eps)
         scale = invstd if gamma is None else invstd * gamma
-        y = _affine(x, axis, mean, scale, None if beta is None else beta.astype(np.float64),
-                    out, prepared)
+        y = _affine(x, axis, mean, scale, beta, out, prepared)
 
     if running_mean is not None:
         n = x.size // C
-        running_mean *= 1.0 - momentum
-        running_mean += momentum * mean
-        running_var *= 1.0 - momentum
-        running_var += (momentum * n / (n - 1) if unbiased else momentum) * var
+        # One write per array, from a float64 sum (fewer NumPy calls than *= then +=).
+        t = momentum * mean
+        t += (1.0 - momentum) * running_mean
+        running_mean[...] = t
+        t = (momentum * n / (n - 1) if unbiased else momentum) * var
+        t += (1.0 - momentum) * running_var
+        running_var[...] = t
     return y, mean.astype(x.dtype), invstd.astype(x.dtype)
 
 
@@ -266,8 +271,7 @@ def batch_norm_infer(x, gamma, beta, running_mean, running_var, *, eps=1e-5,
     eps = check_eps(eps)
     out = check_out(out, x, x)
     scale = (1.0 if gamma is None else gamma) / np.sqrt(running_var.astype(np.float64) + eps)
-    return _affine(x, axis, running_mean, scale,
-                   None if beta is None else beta.astype(np.float64), out)
+    return _affine(x, axis, running_mean, scale, beta, out)
 
 
 def apply_affine(x, scale, shift, *, layout="NCHW", out=None):
@@ -293,8 +297,7 @@ def apply_affine(x, scale, shift, *, layout="NCHW", out=None):
     scale = check_vector("scale", scale, x, C, layout)
     shift = check_vector("shift", shift, x, C, layout)
     out = check_out(out, x, x)
-    return _affine(x, axis, np.zeros(C, x.dtype), scale.astype(np.float64),
-                   shift.astype(np.float64), out)
+    return _affine(x, axis, np.zeros(C, x.dtype), scale.astype(np.float64), shift, out)
 
 
 def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, training=True, layout="NCHW",

@@ -13,6 +13,7 @@ megabytes (default 1024; 0 turns recycling off) of dropped outputs are kept,
 the oldest given back to the system first.
 """
 
+import math
 import os
 import threading
 import weakref
@@ -48,12 +49,17 @@ class OutputCache:
         self._returned = []  # buffers whose outputs died, not yet in _free
         self._lock = threading.Lock()
 
-    def empty(self, shape, dtype):
-        """An uninitialised C-contiguous array, like ``np.empty(shape, dtype)``."""
-        dtype = np.dtype(dtype)
-        nbytes = dtype.itemsize * int(np.prod(shape))
+    def empty(self, shape, dtype, nbytes=None):
+        """An uninitialised C-contiguous array, like ``np.empty(shape, dtype)``.
+
+        ``nbytes``, its size, may be given when known: small calls then pay nothing.
+        """
+        if nbytes is None:
+            dtype = np.dtype(dtype)
+            nbytes = dtype.itemsize * math.prod(shape)
         if nbytes < MIN_BYTES or self.limit < nbytes:
             return np.empty(shape, dtype)
+        dtype = np.dtype(dtype)
         raw = self._take(nbytes)
         if raw is None:
             raw = np.empty(nbytes + ALIGN, np.uint8)

@@ -20,6 +20,8 @@ def check_layout(layout):
 
 
 def check_eps(eps):
+    if type(eps) is float and 0.0 < eps < math.inf:  # the common case, without the ABC check
+        return eps
     if (not isinstance(eps, numbers.Real) or isinstance(eps, bool)
             or not math.isfinite(eps) or eps <= 0):
         raise ValueError(f"eps={eps!r} must be a finite number > 0")
@@ -27,6 +29,8 @@ def check_eps(eps):
 
 
 def check_momentum(momentum):
+    if type(momentum) is float and 0.0 <= momentum <= 1.0:
+        return momentum
     if (not isinstance(momentum, numbers.Real) or isinstance(momentum, bool)
             or not 0.0 <= momentum <= 1.0):
         raise ValueError(f"momentum={momentum!r} must be a number in [0, 1]")

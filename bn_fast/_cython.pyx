@@ -368,8 +368,8 @@ def stats_nhwc(const floating[:, :] x, double[::1] mean, double[::1] var, int nt
     cdef Py_ssize_t R = x.shape[0], C = x.shape[1]
     cdef Py_ssize_t s0 = x.strides[0], s1 = x.strides[1]
     cdef Py_ssize_t nt = max(1, min(nthreads, R))
-    # As in _numba.py: blocks of ~4 BLOCKs, so wide rows do not pay per-block overhead often.
-    cdef Py_ssize_t rows = max(16, 4 * BLOCK // max(C, 1))
+    # As in _numba.py: blocks of ~16 BLOCKs, so wide rows do not pay per-block overhead often.
+    cdef Py_ssize_t rows = max(16, 16 * BLOCK // max(C, 1))
     # One allocation (small calls pay per array), grouped by thread and padded by a
     # cache line, so that two threads never write to the same line (false sharing made
     # two threads slower than one on 8192x64): per-thread partial
