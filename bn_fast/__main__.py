@@ -149,17 +149,20 @@ def _warmup_inputs(dtype):
     contiguous x, a strided out=) compile on first use.
     """
     large = -(-_backend.SERIAL_BELOW // 24)  # (2, 3, 4, large) has enough elements
+    # Channels-first training and backward take the fused kernels when there are 4
+    # channels per thread, the separate passes when there are fewer: warm both.
+    many = 4 * max(1, bnf.get_num_threads())
     for size, w in (("small", 5), ("large", large)):
         name = f"{np.dtype(dtype).name} {size}"
-        nchw = np.ones((2, 3, 4, w), dtype)
-        nhwc = np.ones((2, 4, w, 3), dtype)
-        for layout, a in (("NCHW", nchw), ("NHWC", nhwc)):
+        for what, layout, a in (("NCHW", "NCHW", np.ones((2, 3, 4, w), dtype)),
+                                (f"NCHW {many} channels", "NCHW", np.ones((2, many, 4, w), dtype)),
+                                ("NHWC", "NHWC", np.ones((2, 4, w, 3), dtype))):
             wide = np.ones(a.shape[:-1] + (2 * a.shape[-1],), dtype)
             readonly = a.copy()
             readonly.flags.writeable = False
-            yield f"{name} {layout}", a, layout
-            yield f"{name} {layout} strided", wide[..., ::2], layout
-            yield f"{name} {layout} read-only", readonly, layout
+            yield f"{name} {what}", a, layout
+            yield f"{name} {what} strided", wide[..., ::2], layout
+            yield f"{name} {what} read-only", readonly, layout
         yield f"{name} (N, C) Fortran order", np.ones((3, 8 * w), dtype).T, "NCHW"
 
 
