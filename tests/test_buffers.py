@@ -4,9 +4,11 @@ import pickle
 import subprocess
 import sys
 import threading
+import tracemalloc
 
 import numpy as np
 import pytest
+from conftest import BACKENDS
 from helpers import make_params, make_x
 
 import bn_fast as bnf
@@ -126,3 +128,39 @@ def test_cache_size_from_the_environment(value, ok):
     else:
         assert r.returncode != 0
         assert f"BN_FAST_CACHE_MB={value!r}: expected a number of megabytes >= 0" in r.stderr
+
+
+@pytest.fixture(params=[b for b in BACKENDS if b != "numpy"])
+def compiled_backend(request):
+    previous = bnf.get_backend()
+    bnf.set_backend(request.param)
+    yield request.param
+    bnf.set_backend(previous)
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("op", ["train", "infer", "backward"])
+def test_peak_memory_is_the_output_plus_per_channel_scratch(compiled_backend, monkeypatch,
+                                                            op, layout):
+    # The compiled backends allocate only the output and O(threads x C) scratch (the
+    # NumPy reference backend works on float64 copies by design).  tracemalloc sees
+    # NumPy's allocations (the Python layer's and the Cython kernels'), not Numba's.
+    monkeypatch.setattr(_buffers.cache, "limit", 0)  # measure fresh outputs
+    rng = np.random.default_rng(3)
+    x = make_x(rng, BIG if layout == "NCHW" else (4, 128, 128, 16), np.float32, "NCHW")
+    gamma, beta, rm, rv = make_params(rng, 16, np.float32)
+    _, mean, invstd = bnf.batch_norm_train(x, layout=layout)
+    call = {"train": lambda: bnf.batch_norm_train(x, gamma, beta, running_mean=rm,
+                                                  running_var=rv, layout=layout),
+            "infer": lambda: bnf.batch_norm_infer(x, gamma, beta, rm, rv, layout=layout),
+            "backward": lambda: bnf.batch_norm_backward(x, x, mean, invstd, gamma,
+                                                        layout=layout)}[op]
+    call()
+    tracemalloc.start()
+    try:
+        result = call()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert result is not None
+    assert x.nbytes <= peak < x.nbytes + 64 * 1024
