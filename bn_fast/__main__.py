@@ -150,12 +150,14 @@ def _warmup_inputs(dtype):
     """
     large = -(-_backend.SERIAL_BELOW // 24)  # (2, 3, 4, large) has enough elements
     # Channels-first training and backward take the fused kernels when there are 4
-    # channels per thread, the separate passes when there are fewer: warm both.
+    # channels per thread and planes of 128 or more, the separate passes otherwise:
+    # warm both.
     many = 4 * max(1, bnf.get_num_threads())
     for size, w in (("small", 5), ("large", large)):
         name = f"{np.dtype(dtype).name} {size}"
         for what, layout, a in (("NCHW", "NCHW", np.ones((2, 3, 4, w), dtype)),
-                                (f"NCHW {many} channels", "NCHW", np.ones((2, many, 4, w), dtype)),
+                                (f"NCHW {many} channels", "NCHW",
+                                 np.ones((2, many, 4, max(w, 32)), dtype)),
                                 ("NHWC", "NHWC", np.ones((2, 4, w, 3), dtype))):
             wide = np.ones(a.shape[:-1] + (2 * a.shape[-1],), dtype)
             readonly = a.copy()

@@ -344,11 +344,14 @@ def test_strided_per_channel_vectors(backend, rng, dtype):
 
 # Channels-first inputs big enough for the parallel kernels (>= 32768 elements): with
 # 16 channels training and backward take the fused one-pass kernels (a block of
-# channels summed, then normalised), with 4 the separate passes split over the batch.
+# channels summed, then normalised), with 4 on 2 threads the separate passes split over
+# the batch; on 1 thread both take the serial fused kernels.
+@pytest.mark.parametrize("nthreads", [1, 2])
 @pytest.mark.parametrize("C", [4, 16])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("view", ["contiguous", "strided planes", "in place"])
-def test_parallel_nchw_paths_match_reference(backend, rng, C, dtype, view):
+def test_nchw_fused_and_separate_paths_match_reference(backend, rng, nthreads, C, dtype,
+                                                       view):
     before = bnf.get_num_threads()
     base = make_x(rng, (4, C, 48, 72), dtype)
     x = base[:, :, :, ::2] if view == "strided planes" else base
@@ -359,7 +362,7 @@ def test_parallel_nchw_paths_match_reference(backend, rng, C, dtype, view):
     want = ref.batch_norm_backward(dy, x, mr, sr, gamma)
     x_in, dy_in = x.copy(), dy.copy()
     try:
-        bnf.set_num_threads(min(2, before))
+        bnf.set_num_threads(min(nthreads, before))
         y, mean, invstd = bnf.batch_norm_train(x_in, gamma, beta, running_mean=rm,
                                                running_var=rv,
                                                out=x_in if view == "in place" else None)
