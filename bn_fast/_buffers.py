@@ -55,8 +55,7 @@ class OutputCache:
         ``nbytes``, its size, may be given when known: small calls then pay nothing.
         """
         if nbytes is None:
-            dtype = np.dtype(dtype)
-            nbytes = dtype.itemsize * math.prod(shape)
+            nbytes = np.dtype(dtype).itemsize * math.prod(shape)
         if nbytes < MIN_BYTES or self.limit < nbytes:
             return np.empty(shape, dtype)
         dtype = np.dtype(dtype)

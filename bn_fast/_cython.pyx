@@ -570,11 +570,6 @@ def dx_nhwc(const floating[:, :] dy, const floating[:, :] x, const floating[::1]
                              _out(y0, r * o0), o1, C, &mean[0], &a[0], &b[0], &d[0])
 
 
-def fuses(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int nthreads):
-    """Whether train_nchw and backward_nchw serve an (N, C, S) input, as in _numba.py."""
-    return S >= 128 and C >= 4 * nthreads
-
-
 def train_nchw(const floating[:, :, :] x, const double[::1] gamma, const double[::1] beta,
                double eps, double[::1] mean, double[::1] var, floating[:, :, :] y,
                int nthreads):

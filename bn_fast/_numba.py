@@ -492,17 +492,6 @@ def dx_nhwc(dy, x, mean, a, b, d, dx, nthreads):
         _dx_rows(dy[r0:r1], x[r0:r1], mean, a, b, d, dx[r0:r1])
 
 
-def fuses(N, C, S, nthreads):
-    """Whether train_nchw and backward_nchw serve an (N, C, S) input.
-
-    Otherwise the API calls stats/dsum and then affine/dx, two passes over memory.
-    """
-    # They split over channels only, which leaves threads idle when channels are few.
-    # On short planes (7x7) a task's block is many short runs far apart, and fused
-    # training was 2-15% slower than the separate passes, which read memory in order.
-    return S >= 128 and C >= 4 * nthreads
-
-
 @_kernel
 def train_nchw(x, gamma, beta, eps, mean, var, y, nthreads):
     """stats_nchw and the normalisation in one pass over memory, on (N, C, S) views.

@@ -155,8 +155,3 @@ def dx_nchw(dy, x, mean, a, b, d, dx, nthreads):
 
 def dx_nhwc(dy, x, mean, a, b, d, dx, nthreads):
     dx[...] = dy * a + (x - mean) * b + d
-
-
-def fuses(N, C, S, nthreads):
-    """No fused train_nchw/backward_nchw here: they exist to reuse data while in cache."""
-    return False
