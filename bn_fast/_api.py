@@ -108,13 +108,9 @@ def _split(center, dtype):
     return hi, center - hi
 
 
-def _ones(v, C):
-    """A per-channel vector as float64, 1 where it is None (no gamma)."""
-    return np.ones(C) if v is None else v.astype(np.float64)
-
-
-def _zeros(v, C):
-    return np.zeros(C) if v is None else v.astype(np.float64)
+def _float64(v, C, default):
+    """A per-channel vector as float64; ``default`` everywhere when it is None (gamma 1, beta 0)."""
+    return np.full(C, default) if v is None else v.astype(np.float64)
 
 
 def _prepare(x, axis):
@@ -226,7 +222,7 @@ def batch_norm_train(x, gamma=None, beta=None, *, running_mean=None, running_var
     var = np.empty(C)
     if _fused(K, kind, xv, nt):
         y, yv, pending = _output(x, axis, kind, out, xv.shape)
-        K.train_nchw(xv, _ones(gamma, C), _zeros(beta, C), eps, mean, var, yv, nt)
+        K.train_nchw(xv, _float64(gamma, C, 1.0), _float64(beta, C, 0.0), eps, mean, var, yv, nt)
         y = _finish(y, pending)
         invstd = 1.0 / np.sqrt(var + eps)
     else:
@@ -372,7 +368,7 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, training=True, layou
     if training and x.size and _fused(K, kind, xv, nt):
         y, yv, pending = _output(x, axis, kind, out, xv.shape)
         K.backward_nchw(dyv, xv, hi, lo if np.ndim(lo) else np.zeros(C), invstd,
-                        _ones(gamma, C), sdy, sdyx, yv, nt)
+                        _float64(gamma, C, 1.0), sdy, sdyx, yv, nt)
         dx = _finish(y, pending)
         if gamma is None:
             return dx, None, None
