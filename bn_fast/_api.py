@@ -95,22 +95,16 @@ def _finish(y, pending_out):
     return pending_out
 
 
-def _split(center, dtype):
-    """Split a float64 centre into x's dtype plus a float64 remainder.
-
-    ``x - hi`` is exact for x near the centre, so the kernel can work in x's dtype
-    and the remainder is folded into the shift, without float32 cancellation.  A
-    centre that already has x's dtype needs no split: its remainder is 0.
-    """
-    if center.dtype == dtype:
-        return np.ascontiguousarray(center), 0.0  # the Cython kernels take contiguous vectors
-    hi = center.astype(dtype)
-    return hi, center - hi
+# An absent per-channel parameter, as the kernels and _algebra take it (see there).
+_NONE = np.empty(0)
 
 
-def _float64(v, C, default):
-    """A per-channel vector as float64; ``default`` everywhere when it is None (gamma 1, beta 0)."""
-    return np.full(C, default) if v is None else v.astype(np.float64)
+def _param(v):
+    return _NONE if v is None else v
+
+
+def _vectors(k, C, dtype):
+    return [np.empty(C, dtype) for _ in range(k)]
 
 
 def _prepare(x, axis):
@@ -147,21 +141,26 @@ def _prepared(x, axis):
     return (*_backend.kernels(x.size), *_prepare(x, axis))
 
 
-def _affine(x, axis, center, scale, shift, out, prepared=None):
-    """y = (x - center) * scale + shift per channel, computed in x's dtype.
-
-    ``scale``: float64 (C,); ``shift``: None (zero) or (C,) of x's dtype or float64.
-    """
-    K, nt, kind, xv = prepared or _prepared(x, axis)
-    hi, lo = _split(center, x.dtype)
-    if shift is None:
-        shift = np.zeros(len(scale)) if isinstance(lo, float) else -lo * scale
-    elif not isinstance(lo, float):
-        shift = shift.astype(np.float64) - lo * scale
+def _affine(x, axis, scale, shift, out):
+    """y = x * scale + shift per channel; ``scale`` float64 (C,), ``shift`` None (zero) or (C,)."""
+    K, nt, kind, xv = _prepared(x, axis)
+    zero = np.zeros(len(scale), x.dtype)
+    shift = zero if shift is None else np.ascontiguousarray(shift, x.dtype)
     y, yv, pending = _output(x, axis, kind, out, xv.shape)
     if x.size:
         f = K.affine_nchw if kind == "ncs" else K.affine_nhwc
-        f(xv, hi, scale.astype(x.dtype), np.ascontiguousarray(shift, x.dtype), yv, nt)
+        f(xv, zero, scale.astype(x.dtype), shift, yv, nt)
+    return _finish(y, pending)
+
+
+def _normalise(x, axis, prepared, mean, var, gamma, beta, eps, out):
+    """y = (x - mean) / sqrt(var + eps) * gamma + beta per channel, in x's dtype."""
+    K, nt, kind, xv = prepared
+    center, scale, shift = _vectors(3, len(mean), x.dtype)
+    K.affine_coefficients(mean, var, _param(gamma), _param(beta), eps, center, scale, shift)
+    y, yv, pending = _output(x, axis, kind, out, xv.shape)
+    if x.size:
+        (K.affine_nchw if kind == "ncs" else K.affine_nhwc)(xv, center, scale, shift, yv, nt)
     return _finish(y, pending)
 
 
@@ -222,25 +221,16 @@ def batch_norm_train(x, gamma=None, beta=None, *, running_mean=None, running_var
     var = np.empty(C)
     if _fused(K, kind, xv, nt):
         y, yv, pending = _output(x, axis, kind, out, xv.shape)
-        K.train_nchw(xv, _float64(gamma, C, 1.0), _float64(beta, C, 0.0), eps, mean, var, yv, nt)
+        K.train_nchw(xv, _param(gamma), _param(beta), eps, mean, var, yv, nt)
         y = _finish(y, pending)
-        invstd = 1.0 / np.sqrt(var + eps)
     else:
         (K.stats_nchw if kind == "ncs" else K.stats_nhwc)(xv, mean, var, nt)
-        invstd = 1.0 / np.sqrt(var + eps)
-        scale = invstd if gamma is None else invstd * gamma
-        y = _affine(x, axis, mean, scale, beta, out, prepared)
-
-    if running_mean is not None:
-        n = x.size // C
-        # One write per array, from a float64 sum (fewer NumPy calls than *= then +=).
-        t = momentum * mean
-        t += (1.0 - momentum) * running_mean
-        running_mean[...] = t
-        t = (momentum * n / (n - 1) if unbiased else momentum) * var
-        t += (1.0 - momentum) * running_var
-        running_var[...] = t
-    return y, mean.astype(x.dtype), invstd.astype(x.dtype)
+        y = _normalise(x, axis, prepared, mean, var, gamma, beta, eps, out)
+    saved_mean, saved_invstd = _vectors(2, C, x.dtype)
+    n = x.size // C
+    K.running_update(mean, var, eps, momentum, n / (n - 1) if unbiased else 1.0,
+                     _param(running_mean), _param(running_var), saved_mean, saved_invstd)
+    return y, saved_mean, saved_invstd
 
 
 def batch_norm_infer(x, gamma, beta, running_mean, running_var, *, eps=1e-5,
@@ -279,8 +269,8 @@ def batch_norm_infer(x, gamma, beta, running_mean, running_var, *, eps=1e-5,
     running_var = check_vector("running_var", running_var, x, C, layout)
     eps = check_eps(eps)
     out = check_out(out, x, x)
-    scale = (1.0 if gamma is None else gamma) / np.sqrt(running_var.astype(np.float64) + eps)
-    return _affine(x, axis, running_mean, scale, beta, out)
+    return _normalise(x, axis, _prepared(x, axis), running_mean, running_var, gamma, beta,
+                      eps, out)
 
 
 def apply_affine(x, scale, shift, *, layout="NCHW", out=None):
@@ -306,7 +296,7 @@ def apply_affine(x, scale, shift, *, layout="NCHW", out=None):
     scale = check_vector("scale", scale, x, C, layout)
     shift = check_vector("shift", shift, x, C, layout)
     out = check_out(out, x, x)
-    return _affine(x, axis, np.zeros(C, x.dtype), scale.astype(np.float64), shift, out)
+    return _affine(x, axis, scale.astype(np.float64), shift, out)
 
 
 def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, training=True, layout="NCHW",
@@ -355,42 +345,37 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, training=True, layou
         raise TypeError(f"training={training!r} must be True or False")
     out = check_out(out, x, x, dy)
 
-    invstd = invstd.astype(np.float64)
-    a = invstd if gamma is None else invstd * gamma
-    if not training and gamma is None:
-        return _affine(dy, axis, np.zeros(C, x.dtype), a, None, out), None, None
+    if not training and gamma is None:  # constant statistics: dx = dy * invstd, nothing else
+        return _affine(dy, axis, invstd.astype(np.float64), None, out), None, None
 
     K, nt, kind, xv = _prepared(x, axis)
     dyv = _input(dy, axis, kind)
-    hi, lo = _split(mean, x.dtype)
+    # Sums about the mean rounded to x's dtype: x - center is then exact in x's dtype.
+    center = np.ascontiguousarray(mean, x.dtype)
     sdy = np.zeros(C)
     sdyx = np.zeros(C)
+    dgamma, dbeta = _vectors(2, 0 if gamma is None else C, x.dtype)
     if training and x.size and _fused(K, kind, xv, nt):
         y, yv, pending = _output(x, axis, kind, out, xv.shape)
-        K.backward_nchw(dyv, xv, hi, lo if np.ndim(lo) else np.zeros(C), invstd,
-                        _float64(gamma, C, 1.0), sdy, sdyx, yv, nt)
-        dx = _finish(y, pending)
-        if gamma is None:
-            return dx, None, None
-        return dx, (sdyx * invstd).astype(x.dtype), sdy.astype(x.dtype)
-    if x.size:
-        (K.dsum_nchw if kind == "ncs" else K.dsum_nhwc)(dyv, xv, hi, sdy, sdyx, nt)
-    sdyx -= lo * sdy  # sum(dy * (x - mean)) from sums about the rounded mean
-
-    if training:
-        n = max(1, x.size // C) if C else 1
-        b = -a * invstd * invstd * sdyx / n
-        d = -a * sdy / n - lo * b
-        y, yv, pending = _output(x, axis, kind, out, xv.shape)
-        if x.size:
-            (K.dx_nchw if kind == "ncs" else K.dx_nhwc)(
-                dyv, xv, hi, a.astype(x.dtype), b.astype(x.dtype), d.astype(x.dtype), yv, nt)
+        K.backward_nchw(dyv, xv, center, mean, invstd, _param(gamma), sdy, sdyx, dgamma, dbeta,
+                        yv, nt)
         dx = _finish(y, pending)
     else:
-        dx = _affine(dy, axis, np.zeros(C, x.dtype), a, None, out)
+        if x.size:
+            (K.dsum_nchw if kind == "ncs" else K.dsum_nhwc)(dyv, xv, center, sdy, sdyx, nt)
+        a, b, d = _vectors(3, C, x.dtype)
+        K.backward_coefficients(mean, center, invstd, _param(gamma), max(1, x.size // C), sdy,
+                                sdyx, a, b, d, dgamma, dbeta)
+        if training:
+            y, yv, pending = _output(x, axis, kind, out, xv.shape)
+            if x.size:
+                (K.dx_nchw if kind == "ncs" else K.dx_nhwc)(dyv, xv, center, a, b, d, yv, nt)
+            dx = _finish(y, pending)
+        else:  # constant statistics: dx = dy * gamma * invstd, which is a
+            dx = _affine(dy, axis, a, None, out)
     if gamma is None:
         return dx, None, None
-    return dx, (sdyx * invstd).astype(x.dtype), sdy.astype(x.dtype)
+    return dx, dgamma, dbeta
 
 
 __all__ = ["batch_norm_train", "batch_norm_infer", "batch_norm_backward", "apply_affine"]

@@ -36,6 +36,9 @@ from libc.math cimport NAN, sqrt
 
 import numpy as np
 
+# The per-channel algebra between kernels: NumPy code shared with the other backends.
+from bn_fast._algebra import affine_coefficients, backward_coefficients, running_update
+
 ctypedef fused floating:
     float
     double
@@ -570,13 +573,23 @@ def dx_nhwc(const floating[:, :] dy, const floating[:, :] x, const floating[::1]
                              _out(y0, r * o0), o1, C, &mean[0], &a[0], &b[0], &d[0])
 
 
-def train_nchw(const floating[:, :, :] x, const double[::1] gamma, const double[::1] beta,
-               double eps, double[::1] mean, double[::1] var, floating[:, :, :] y,
-               int nthreads):
+def _float64(v, Py_ssize_t C, double default):
+    """A per-channel parameter as contiguous float64; ``default`` when zero-length (absent)."""
+    return np.full(C, default) if v.shape[0] == 0 else np.ascontiguousarray(v, np.float64)
+
+
+def train_nchw(x, gamma, beta, double eps, mean, var, y, int nthreads):
     """stats_nchw and the normalisation in one pass over memory, as in _numba.py.
 
     Each task normalises its channel right after summing it, while it is in cache.
     """
+    C = x.shape[1]
+    _train_nchw(x, _float64(gamma, C, 1.0), _float64(beta, C, 0.0), eps, mean, var, y, nthreads)
+
+
+def _train_nchw(const floating[:, :, :] x, const double[::1] gamma, const double[::1] beta,
+                double eps, double[::1] mean, double[::1] var, floating[:, :, :] y,
+                int nthreads):
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2]
     cdef Py_ssize_t s0 = x.strides[0], s1 = x.strides[1], s2 = x.strides[2]
     cdef Py_ssize_t o0 = y.strides[0], o1 = y.strides[1], o2 = y.strides[2]
@@ -608,11 +621,26 @@ def train_nchw(const floating[:, :, :] x, const double[::1] gamma, const double[
                     _affine_run(v, s2, o, o2, S, hi, scale, shift)
 
 
-def backward_nchw(const floating[:, :, :] dy, const floating[:, :, :] x,
-                  const floating[::1] center, const double[::1] lo, const double[::1] invstd,
-                  const double[::1] gamma, double[::1] sdy, double[::1] sdyx,
-                  floating[:, :, :] dx, int nthreads):
-    """dsum_nchw and dx_nchw for batch statistics in one pass over memory, as in _numba.py."""
+def backward_nchw(dy, x, center, mean, invstd, gamma, sdy, sdyx, dgamma, dbeta, dx,
+                  int nthreads):
+    """dsum_nchw, backward_coefficients and dx_nchw in one pass over memory, as in _numba.py.
+
+    The dx coefficients are computed inline, per channel, inside the parallel loop;
+    backward_coefficients then fills dgamma and dbeta from the sums.
+    """
+    C = x.shape[1]
+    _backward_nchw(dy, x, center, np.asarray(mean, np.float64) - center,
+                   np.ascontiguousarray(invstd, np.float64), _float64(gamma, C, 1.0),
+                   sdy, sdyx, dx, nthreads)
+    scratch = np.empty((3, C), x.dtype)
+    backward_coefficients(mean, center, invstd, gamma, x.shape[0] * x.shape[2], sdy, sdyx,
+                          *scratch, dgamma, dbeta)
+
+
+def _backward_nchw(const floating[:, :, :] dy, const floating[:, :, :] x,
+                   const floating[::1] center, const double[::1] lo, const double[::1] invstd,
+                   const double[::1] gamma, double[::1] sdy, double[::1] sdyx,
+                   floating[:, :, :] dx, int nthreads):
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2]
     cdef Py_ssize_t s0 = x.strides[0], s1 = x.strides[1], s2 = x.strides[2]
     cdef Py_ssize_t g0 = dy.strides[0], g1 = dy.strides[1], g2 = dy.strides[2]
@@ -639,9 +667,9 @@ def backward_nchw(const floating[:, :, :] dy, const floating[:, :, :] x,
                 else:
                     _dsums_run(g, g2, v, s2, S, center[c], &t1, &t2)
             sdy[c] = t1
-            sdyx[c] = t2 - lo[c] * t1  # sum(dy * (x - mean)) from sums about the centre
+            sdyx[c] = t2  # about the centre; backward_coefficients moves it to the mean
             a = invstd[c] * gamma[c]
-            b = -a * invstd[c] * invstd[c] * sdyx[c] / count
+            b = -a * invstd[c] * invstd[c] * (t2 - lo[c] * t1) / count
             d = -a * t1 / count - lo[c] * b
             for n in range(N):
                 g = _in(d0, n * g0 + c * g1)

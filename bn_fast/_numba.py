@@ -3,10 +3,10 @@
 Channels-first tensors of any rank arrive as ``(N, C, S)`` views, channels-last
 ones (and anything whose spatial size is 1) as ``(R, C)`` views.  Kernels write
 into preallocated outputs; the per-channel algebra between them (invstd, the
-folded scale and shift, the backward coefficients) is done by the caller on
-arrays of length C.  ``nthreads`` says into how many parts reductions are split;
-it never changes results beyond float rounding, and a fixed value gives
-bit-identical results.
+folded scale and shift, the backward coefficients) is ``_algebra.py``, compiled
+here and called by the caller and by the one-pass kernels.  ``nthreads`` says
+into how many parts reductions are split; it never changes results beyond float
+rounding, and a fixed value gives bit-identical results.
 
 Reductions accumulate in float64.  Variances are merged from blocks small
 enough to stay in L1: each block is summed twice (mean, then centred squares)
@@ -25,12 +25,19 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from . import _algebra
+
 # No 'nnan'/'ninf': NaN in x must reach y.  'reassoc' lets LLVM vectorise sums.  No
 # 'arcp': a mean s / n must be a true division (equal values must give that value).
 _FM = {"reassoc", "contract", "nsz"}
 _PAR = dict(parallel=True, cache=True, nogil=True, fastmath=_FM)
 _SEQ = dict(cache=True, nogil=True, fastmath=_FM)
 BLOCK = 4096  # elements per statistics block: 16-32 KiB, stays in L1
+
+# The per-channel algebra, compiled: one call instead of a dozen small NumPy operations.
+affine_coefficients = njit(**_SEQ)(_algebra.affine_coefficients)
+running_update = njit(**_SEQ)(_algebra.running_update)
+backward_coefficients = njit(**_SEQ)(_algebra.backward_coefficients)
 
 
 def _kernel(fn):
@@ -320,44 +327,35 @@ def _train_block(x, c0, c1, gamma, beta, eps, mean, var, y):
     pq = np.zeros(k)
     for n in range(x.shape[0]):
         _planes_moments(x[n, c0:c1], pn, pm, pq)
-    center = np.empty(k, x.dtype)  # the mean rounded to x's dtype, as _api._split does
+    mean[c0:c1] = pm
+    var[c0:c1] = pq / pn
+    center = np.empty(k, x.dtype)
     scale = np.empty(k, x.dtype)
     shift = np.empty(k, x.dtype)
-    for i in range(k):
-        c = c0 + i
-        mean[c] = pm[i]
-        var[c] = pq[i] / pn[i]
-        a = 1.0 / np.sqrt(var[c] + eps) * gamma[c]
-        center[i] = pm[i]
-        scale[i] = a
-        shift[i] = beta[c] - (pm[i] - center[i]) * a
+    affine_coefficients(mean[c0:c1], var[c0:c1], gamma[c0:c1], beta[c0:c1], eps,
+                        center, scale, shift)
     for n in range(x.shape[0]):
         _affine_planes(x[n, c0:c1], center, scale, shift, y[n, c0:c1])
 
 
 @njit(**_SEQ)
-def _backward_block(dy, x, c0, c1, center, lo, invstd, gamma, sdy, sdyx, dx):
+def _backward_block(dy, x, c0, c1, center, mean, invstd, gamma, sdy, sdyx, dgamma, dbeta, dx):
     """Gradient sums of channels c0:c1 over the whole batch, then their dx."""
     k = c1 - c0
-    n_ = float(x.shape[0] * x.shape[2])
     p1 = np.zeros(k)
     p2 = np.zeros(k)
     for n in range(x.shape[0]):
         _planes_dsums(dy[n, c0:c1], x[n, c0:c1], center[c0:c1], p1, p2)
-    a_ = np.empty(k, x.dtype)
-    b_ = np.empty(k, x.dtype)
-    d_ = np.empty(k, x.dtype)
-    for i in range(k):
-        c = c0 + i
-        sdy[c] = p1[i]
-        sdyx[c] = p2[i] - lo[c] * p1[i]  # sum(dy * (x - mean)) from sums about the centre
-        a = invstd[c] * gamma[c]
-        b = -a * invstd[c] * invstd[c] * sdyx[c] / n_
-        a_[i] = a
-        b_[i] = b
-        d_[i] = -a * sdy[c] / n_ - lo[c] * b
+    sdy[c0:c1] = p1
+    sdyx[c0:c1] = p2
+    a = np.empty(k, x.dtype)
+    b = np.empty(k, x.dtype)
+    d = np.empty(k, x.dtype)
+    backward_coefficients(mean[c0:c1], center[c0:c1], invstd[c0:c1], gamma[c0:c1],
+                          float(x.shape[0] * x.shape[2]), sdy[c0:c1], sdyx[c0:c1], a, b, d,
+                          dgamma[c0:c1], dbeta[c0:c1])
     for n in range(x.shape[0]):
-        _dx_planes(dy[n, c0:c1], x[n, c0:c1], center[c0:c1], a_, b_, d_, dx[n, c0:c1])
+        _dx_planes(dy[n, c0:c1], x[n, c0:c1], center[c0:c1], a, b, d, dx[n, c0:c1])
 
 
 # ---------------------------------------------------------------- kernels
@@ -498,7 +496,7 @@ def train_nchw(x, gamma, beta, eps, mean, var, y, nthreads):
 
     Each task normalises its block of channels right after summing it, while the
     block is still in cache, so x is read from memory once instead of twice.
-    gamma, beta: float64 (C,); mean, var (biased): float64 outputs.
+    gamma, beta: (C,) or zero-length for 1 and 0; mean, var (biased): float64 outputs.
     """
     N, C, S = x.shape
     cb = max(1, min(C // (4 * nthreads), BLOCK // max(S, 1)))  # as stats_nchw: same sums
@@ -508,15 +506,16 @@ def train_nchw(x, gamma, beta, eps, mean, var, y, nthreads):
 
 
 @_kernel
-def backward_nchw(dy, x, center, lo, invstd, gamma, sdy, sdyx, dx, nthreads):
-    """dsum_nchw and dx_nchw for batch statistics in one pass over memory.
+def backward_nchw(dy, x, center, mean, invstd, gamma, sdy, sdyx, dgamma, dbeta, dx, nthreads):
+    """dsum_nchw, backward_coefficients and dx_nchw in one pass over memory.
 
-    The mean is ``center + lo`` (center in x's dtype, lo float64); invstd, gamma:
-    float64 (C,); sdy and sdyx (about the mean) are float64 outputs.
+    center: the mean rounded to x's dtype; mean, invstd, gamma (zero-length for 1):
+    (C,); sdy, sdyx (about the mean): float64 outputs; dgamma, dbeta: outputs in x's
+    dtype, zero-length when there is no gamma.
     """
     N, C, S = x.shape
     cb = max(1, min(C // (4 * nthreads), BLOCK // max(S, 1)))
     nc = (C + cb - 1) // cb
     for t in prange(nc):
-        _backward_block(dy, x, t * cb, min(C, t * cb + cb), center, lo, invstd, gamma,
-                        sdy, sdyx, dx)
+        _backward_block(dy, x, t * cb, min(C, t * cb + cb), center, mean, invstd, gamma,
+                        sdy, sdyx, dgamma, dbeta, dx)

@@ -9,6 +9,9 @@ runs the public API on it.
 
 import numpy as np
 
+# The per-channel algebra between kernels, shared with the compiled backends.
+from ._algebra import affine_coefficients, backward_coefficients, running_update  # noqa: F401
+
 
 def _channels_last(a, layout):
     return np.moveaxis(np.asarray(a, dtype=np.float64), 1, -1) if layout == "NCHW" \

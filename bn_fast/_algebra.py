@@ -1,0 +1,70 @@
+"""The per-channel algebra between the kernels, written once for every backend.
+
+These functions work on vectors of length C: the statistics or gradient sums a
+kernel produced, and the parameters.  They are plain NumPy array expressions, so
+the Numba backend compiles them (``_numba.py``; one compiled call instead of a
+dozen small NumPy calls is most of a small tensor's time) and the Cython and
+NumPy backends run them as they are.  Absent parameters (gamma, beta, running
+statistics, dgamma and dbeta when gamma is None) arrive as zero-length arrays, so
+that Numba compiles no variant for None.  Everything is computed in float64 and
+rounded once, when stored into an output.
+"""
+
+import numpy as np
+
+
+def affine_coefficients(mean, var, gamma, beta, eps, center, scale, shift):
+    """Fill center, scale, shift (x's dtype) so that ``(x - center) * scale + shift``
+    is ``(x - mean) / sqrt(var + eps) * gamma + beta``.
+
+    center is the mean rounded to x's dtype: ``x - center`` is then exact in x's
+    dtype for x near the mean, and the rounding remainder goes into the shift in
+    float64 (float32 data around 1e4 would otherwise lose most of their digits).
+    """
+    m = mean.astype(np.float64)
+    a = 1.0 / np.sqrt(var.astype(np.float64) + eps)
+    if gamma.shape[0]:
+        a = a * gamma
+    center[:] = m
+    scale[:] = a
+    d = (m - center) * a
+    if beta.shape[0]:
+        shift[:] = beta - d
+    else:
+        shift[:] = -d
+
+
+def running_update(mean, var, eps, momentum, var_factor, running_mean, running_var,
+                   saved_mean, saved_invstd):
+    """After a training forward: the saved mean and invstd, and the running statistics.
+
+    ``r = (1 - momentum) * r + momentum * stat`` with ``var_factor * var`` as the
+    variance (n / (n - 1) for PyTorch's unbiased running variance, else 1).
+    """
+    saved_mean[:] = mean
+    saved_invstd[:] = 1.0 / np.sqrt(var + eps)
+    if running_mean.shape[0]:
+        running_mean[:] = (1.0 - momentum) * running_mean.astype(np.float64) + momentum * mean
+        running_var[:] = ((1.0 - momentum) * running_var.astype(np.float64)
+                          + momentum * var_factor * var)
+
+
+def backward_coefficients(mean, center, invstd, gamma, n, sdy, sdyx, a, b, d, dgamma, dbeta):
+    """Fill a, b, d (x's dtype) so that ``dx = dy * a + (x - center) * b + d``.
+
+    sdy and sdyx are the float64 sums of dy and of ``dy * (x - center)`` over the n
+    elements of each channel; sdyx is corrected in place to be about the mean
+    (``mean - center`` is the remainder of rounding the mean to x's dtype).
+    dgamma and dbeta are filled unless zero-length (no gamma).
+    """
+    lo = mean.astype(np.float64) - center
+    sdyx -= lo * sdy
+    inv = invstd.astype(np.float64)
+    g = inv * gamma if gamma.shape[0] else inv
+    bb = -g * inv * inv * sdyx / n
+    a[:] = g
+    b[:] = bb
+    d[:] = -g * sdy / n - lo * bb
+    if dgamma.shape[0]:
+        dgamma[:] = sdyx * inv
+        dbeta[:] = sdy
