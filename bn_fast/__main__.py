@@ -169,14 +169,21 @@ def _warmup_inputs(dtype):
 
 
 def _warm(x, layout):
-    """Call every public function once on x (each kernel at x's memory order)."""
+    """Call every public function once on x (each kernel at x's memory order).
+
+    Per-channel arrays come in x's dtype and in float64 (which also stands for an
+    absent gamma or beta): the per-channel algebra and the one-pass kernels are
+    compiled for each.
+    """
     C = x.shape[1] if layout == "NCHW" else x.shape[-1]
-    p = np.ones(C, x.dtype)
-    _, mean, invstd = bnf.batch_norm_train(x, p, p, layout=layout)
-    bnf.batch_norm_infer(x, p, p, p, p, layout=layout)
-    bnf.apply_affine(x, p, p, layout=layout)
-    for training in (True, False):
-        bnf.batch_norm_backward(x, x, mean, invstd, p, training=training, layout=layout)
+    for p in {x.dtype: np.ones(C, x.dtype), np.float64: np.ones(C)}.values():
+        _, mean, invstd = bnf.batch_norm_train(x, p, p, running_mean=p.copy(),
+                                               running_var=p.copy(), layout=layout)
+        bnf.batch_norm_infer(x, p, p, p, p, layout=layout)
+        bnf.apply_affine(x, p, p, layout=layout)
+        for stats in ((mean, invstd), (p, p)):
+            for training in (True, False):
+                bnf.batch_norm_backward(x, x, *stats, p, training=training, layout=layout)
 
 
 def _progress(i, n, label, width=30):

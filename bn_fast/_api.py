@@ -103,10 +103,6 @@ def _param(v):
     return _NONE if v is None else v
 
 
-def _vectors(k, C, dtype):
-    return [np.empty(C, dtype) for _ in range(k)]
-
-
 def _prepare(x, axis):
     """(kind, canonical view of x), copying x only when its strides allow no view."""
     if x.flags.c_contiguous and x.size:
@@ -156,7 +152,8 @@ def _affine(x, axis, scale, shift, out):
 def _normalise(x, axis, prepared, mean, var, gamma, beta, eps, out):
     """y = (x - mean) / sqrt(var + eps) * gamma + beta per channel, in x's dtype."""
     K, nt, kind, xv = prepared
-    center, scale, shift = _vectors(3, len(mean), x.dtype)
+    C, e = len(mean), np.empty  # separate np.empty calls: half the time of a loop
+    center, scale, shift = e(C, x.dtype), e(C, x.dtype), e(C, x.dtype)
     K.affine_coefficients(mean, var, _param(gamma), _param(beta), eps, center, scale, shift)
     y, yv, pending = _output(x, axis, kind, out, xv.shape)
     if x.size:
@@ -226,7 +223,7 @@ def batch_norm_train(x, gamma=None, beta=None, *, running_mean=None, running_var
     else:
         (K.stats_nchw if kind == "ncs" else K.stats_nhwc)(xv, mean, var, nt)
         y = _normalise(x, axis, prepared, mean, var, gamma, beta, eps, out)
-    saved_mean, saved_invstd = _vectors(2, C, x.dtype)
+    saved_mean, saved_invstd = np.empty(C, x.dtype), np.empty(C, x.dtype)
     n = x.size // C
     K.running_update(mean, var, eps, momentum, n / (n - 1) if unbiased else 1.0,
                      _param(running_mean), _param(running_var), saved_mean, saved_invstd)
@@ -354,7 +351,8 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, training=True, layou
     center = np.ascontiguousarray(mean, x.dtype)
     sdy = np.zeros(C)
     sdyx = np.zeros(C)
-    dgamma, dbeta = _vectors(2, 0 if gamma is None else C, x.dtype)
+    k = 0 if gamma is None else C
+    dgamma, dbeta = np.empty(k, x.dtype), np.empty(k, x.dtype)
     if training and x.size and _fused(K, kind, xv, nt):
         y, yv, pending = _output(x, axis, kind, out, xv.shape)
         K.backward_nchw(dyv, xv, center, mean, invstd, _param(gamma), sdy, sdyx, dgamma, dbeta,
@@ -363,7 +361,7 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, training=True, layou
     else:
         if x.size:
             (K.dsum_nchw if kind == "ncs" else K.dsum_nhwc)(dyv, xv, center, sdy, sdyx, nt)
-        a, b, d = _vectors(3, C, x.dtype)
+        a, b, d = np.empty(C, x.dtype), np.empty(C, x.dtype), np.empty(C, x.dtype)
         K.backward_coefficients(mean, center, invstd, _param(gamma), max(1, x.size // C), sdy,
                                 sdyx, a, b, d, dgamma, dbeta)
         if training:

@@ -71,6 +71,10 @@ def check_vector(name, a, x, channels, layout, *, writeable=False):
     """A per-channel parameter: 1-D, ``channels`` long, float, never narrower than x."""
     if a is None:
         return None
+    if (type(a) is np.ndarray and a.ndim == 1 and a.shape[0] == channels
+            and (a.dtype is x.dtype or a.dtype is FLOATS[1])
+            and (not writeable or a.flags.writeable)):
+        return a  # the common case, in a fraction of the time of the checks below
     a = check_float_array(name, a)
     if a.ndim != 1 or a.shape[0] != channels:
         raise ValueError(

@@ -262,6 +262,45 @@ def test_mixed_precision_parameters_allowed(backend, rng):
     assert y.dtype == mean.dtype == invstd.dtype == np.float32
 
 
+# Per-channel arrays in float64 beside float32 data, or absent: each is its own compiled
+# variant of the per-channel algebra and of the one-pass kernels (16 channels of 48x36
+# planes take those; 3 channels of 5 elements the separate passes).
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", [(4, 3, 5), (4, 16, 48, 36)])
+@pytest.mark.parametrize("params", ["float64", "none"])
+def test_float64_or_absent_parameters_with_float32_x(backend, rng, layout, shape, params):
+    x = make_x(rng, shape, np.float32, layout)
+    dy = make_x(rng, shape, np.float32, layout, loc=0.0)
+    C = channels(x, layout)
+    gamma, beta, rm, rv = make_params(rng, C, np.float64)
+    if params == "none":
+        gamma = beta = None
+    rm2, rv2 = rm.copy(), rv.copy()
+    y, mean, invstd = bnf.batch_norm_train(x, gamma, beta, running_mean=rm, running_var=rv,
+                                           layout=layout)
+    yr, mr, sr = ref.batch_norm_train(x, gamma, beta, running_mean=rm2, running_var=rv2,
+                                      layout=layout)
+    assert y.dtype == mean.dtype == invstd.dtype == np.float32
+    assert rm.dtype == rv.dtype == np.float64
+    assert_close(y, yr, np.float32, 10)
+    assert_close(invstd, sr, np.float32, 10)
+    np.testing.assert_allclose(rm, rm2, rtol=1e-6)
+    np.testing.assert_allclose(rv, rv2, rtol=1e-6)
+    assert_close(bnf.batch_norm_infer(x, gamma, beta, rm, rv, layout=layout),
+                 ref.batch_norm_infer(x, gamma, beta, rm, rv, layout=layout), np.float32, 10)
+    for training in (True, False):
+        # float64 statistics, as a user keeping them from a float64 computation would pass
+        m64, s64 = mr.astype(np.float64), sr.astype(np.float64)
+        got = bnf.batch_norm_backward(dy, x, m64, s64, gamma, training=training, layout=layout)
+        want = ref.batch_norm_backward(dy, x, m64, s64, gamma, training=training, layout=layout)
+        for a, b in zip(got, want):
+            if b is None:
+                assert a is None
+            else:
+                assert a.dtype == np.float32
+                assert_close(a, b, np.float32, 100)
+
+
 def test_large_offset_float32_is_accurate(backend, rng):
     # float32 data far from zero: the normalisation must not cancel catastrophically.
     x = (1e4 + 1e-2 * rng.standard_normal((16, 3, 32, 32))).astype(np.float32)
