@@ -138,7 +138,7 @@ def _prepared(x, axis):
 
 
 def _affine(x, axis, scale, shift, out):
-    """y = x * scale + shift per channel; ``scale`` float64 (C,), ``shift`` None (zero) or (C,)."""
+    """y = x * scale + shift per channel; ``scale`` (C,), ``shift`` None (zero) or (C,)."""
     K, nt, kind, xv = _prepared(x, axis)
     zero = np.zeros(len(scale), x.dtype)
     shift = zero if shift is None else np.ascontiguousarray(shift, x.dtype)
@@ -293,7 +293,7 @@ def apply_affine(x, scale, shift, *, layout="NCHW", out=None):
     scale = check_vector("scale", scale, x, C, layout)
     shift = check_vector("shift", shift, x, C, layout)
     out = check_out(out, x, x)
-    return _affine(x, axis, scale.astype(np.float64), shift, out)
+    return _affine(x, axis, scale, shift, out)
 
 
 def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, training=True, layout="NCHW",
@@ -343,7 +343,7 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, training=True, layou
     out = check_out(out, x, x, dy)
 
     if not training and gamma is None:  # constant statistics: dx = dy * invstd, nothing else
-        return _affine(dy, axis, invstd.astype(np.float64), None, out), None, None
+        return _affine(dy, axis, invstd, None, out), None, None
 
     K, nt, kind, xv = _prepared(x, axis)
     dyv = _input(dy, axis, kind)
