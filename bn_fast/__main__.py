@@ -176,7 +176,7 @@ def _warm(x, layout):
     compiled for each.
     """
     C = x.shape[1] if layout == "NCHW" else x.shape[-1]
-    for p in {x.dtype: np.ones(C, x.dtype), np.float64: np.ones(C)}.values():
+    for p in {x.dtype: np.ones(C, x.dtype), np.dtype(np.float64): np.ones(C)}.values():
         _, mean, invstd = bnf.batch_norm_train(x, p, p, running_mean=p.copy(),
                                                running_var=p.copy(), layout=layout)
         bnf.batch_norm_infer(x, p, p, p, p, layout=layout)
