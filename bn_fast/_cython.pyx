@@ -50,6 +50,7 @@ ctypedef struct Moments:  # count, mean and sum of centred squares of some eleme
 
 cdef enum:
     BLOCK = 4096  # elements per statistics block: 16-32 KiB, stays in L1
+    WIDE = 1024  # channels from which channels-last statistics use _group_moments
 cdef int _MAX_THREADS = openmp.omp_get_max_threads()  # before any set: honours OMP_NUM_THREADS
 
 
@@ -255,6 +256,38 @@ cdef inline void _block_moments(const floating* xb, Py_ssize_t nr, Py_ssize_t sr
         pq[c] += bq[c] + d * d * na * f
 
 
+cdef inline double _group_moments(const floating* xb, Py_ssize_t nr, Py_ssize_t sr,
+                                  Py_ssize_t sc, Py_ssize_t C, double* pm, double* pq,
+                                  double na) noexcept nogil:
+    """Merge the column moments of nr rows into running (pm, pq) over na rows; return the
+    new count.  Four rows at a time, the group's moments merged at once (_numba.py)."""
+    cdef Py_ssize_t r, c
+    cdef double x0, x1, x2, x3, m, d, f, g
+    for r in range(0, nr - nr % 4, 4):
+        f = 4.0 / (na + 4.0)
+        g = na * f
+        for c in range(C):
+            x0 = _at(_in(xb, r * sr), c, sc)
+            x1 = _at(_in(xb, (r + 1) * sr), c, sc)
+            x2 = _at(_in(xb, (r + 2) * sr), c, sc)
+            x3 = _at(_in(xb, (r + 3) * sr), c, sc)
+            m = ((x0 + x1) + (x2 + x3)) * 0.25
+            d = m - pm[c]
+            pm[c] += d * f
+            pq[c] += (((x0 - m) * (x0 - m) + (x1 - m) * (x1 - m))
+                      + ((x2 - m) * (x2 - m) + (x3 - m) * (x3 - m))) + d * d * g
+        na += 4.0
+    for r in range(nr - nr % 4, nr):
+        f = 1.0 / (na + 1.0)
+        g = na * f
+        for c in range(C):
+            d = _at(_in(xb, r * sr), c, sc) - pm[c]
+            pm[c] += d * f
+            pq[c] += d * d * g
+        na += 1.0
+    return na
+
+
 cdef void _reduce_moments(double[:, ::1] pn, double[:, ::1] pm, double[:, ::1] pq,
                           double[::1] mean, double[::1] var) noexcept nogil:
     # Fixed order over the partials, so a given thread count gives bit-identical results.
@@ -388,6 +421,14 @@ def stats_nhwc(const floating[:, :] x, double[::1] mean, double[::1] var, int nt
             na = 0.0
             r1 = (k + 1) * R // nt
             r0 = k * R // nt
+            if C >= WIDE:  # as in _numba.py
+                if s1 == sizeof(floating):
+                    na = _group_moments(_in(x0, r0 * s0), r1 - r0, s0, sizeof(floating), C,
+                                        &pm[k, 0], &pq[k, 0], 0.0)
+                else:
+                    na = _group_moments(_in(x0, r0 * s0), r1 - r0, s0, s1, C,
+                                        &pm[k, 0], &pq[k, 0], 0.0)
+                r0 = r1
             while r0 < r1:
                 nr = min(rows, r1 - r0)
                 _block_moments(_in(x0, r0 * s0), nr, s0, s1, C,

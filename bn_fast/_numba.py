@@ -33,6 +33,7 @@ _FM = {"reassoc", "contract", "nsz"}
 _PAR = dict(parallel=True, cache=True, nogil=True, fastmath=_FM)
 _SEQ = dict(cache=True, nogil=True, fastmath=_FM)
 BLOCK = 4096  # elements per statistics block: 16-32 KiB, stays in L1
+WIDE = 1024  # channels from which channels-last statistics use _group_moments
 
 # The per-channel algebra, compiled: one call instead of a dozen small NumPy operations.
 affine_coefficients = njit(**_SEQ)(_algebra.affine_coefficients)
@@ -228,6 +229,47 @@ def _block_moments(xb, bm, bq, be, pm, pq, na):
 
 
 @njit(**_SEQ)
+def _group_moments(xb, pm, pq, na):
+    """Merge the column moments of xb's rows into running (pm, pq) over na rows; return
+    the new count.
+
+    Four rows at a time: the group's mean and centred squares stay in registers and
+    are merged with Chan's formula, so x is read once and only two C-long
+    accumulators are touched per group.  For rows of thousands of channels this beats
+    _block_moments, whose three accumulators and scratch outgrow L1 (1.3x on 2048x2048,
+    1.6x on 1024x4096 float32); for narrow rows it is slower (0.7x at C=256).
+    """
+    nr = xb.shape[0]
+    r4 = nr - nr % 4
+    for r in range(0, r4, 4):
+        f = 4.0 / (na + 4.0)
+        g = na * f
+        for c in range(xb.shape[1]):
+            x0 = np.float64(xb[r, c])
+            x1 = np.float64(xb[r + 1, c])
+            x2 = np.float64(xb[r + 2, c])
+            x3 = np.float64(xb[r + 3, c])
+            m = ((x0 + x1) + (x2 + x3)) * 0.25
+            d0 = x0 - m
+            d1 = x1 - m
+            d2 = x2 - m
+            d3 = x3 - m
+            d = m - pm[c]
+            pm[c] += d * f
+            pq[c] += ((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)) + d * d * g
+        na += 4.0
+    for r in range(r4, nr):
+        f = 1.0 / (na + 1.0)
+        g = na * f
+        for c in range(xb.shape[1]):
+            d = xb[r, c] - pm[c]
+            pm[c] += d * f
+            pq[c] += d * d * g
+        na += 1.0
+    return na
+
+
+@njit(**_SEQ)
 def _reduce_moments(pn, pm, pq, mean, var):
     for c in range(pn.shape[1]):
         n_, m_, q_ = pn[0, c], pm[0, c], pq[0, c]
@@ -265,12 +307,27 @@ def _planes_dsums(gb, vb, mean, p1, p2):
 def _block_dsums(gb, vb, mean, p1, p2):
     # Private accumulators: rows p1[k] of neighbouring threads can share a cache line,
     # and updating them once per row made two threads slower than one (false sharing).
+    # Rows four at a time, as in _block_moments: one load and store of the accumulators
+    # serves four rows (1.2-1.5x on 1024x4096 and 401408x64).  The products are formed
+    # in float64, where a product of two float32 values is exact.
     s1 = np.zeros(vb.shape[1])
     s2 = np.zeros(vb.shape[1])
-    for r in range(vb.shape[0]):
+    nr = vb.shape[0]
+    r4 = nr - nr % 4
+    for r in range(0, r4, 4):
+        for c in range(vb.shape[1]):
+            m = mean[c]
+            g0 = np.float64(gb[r, c])
+            g1 = np.float64(gb[r + 1, c])
+            g2 = np.float64(gb[r + 2, c])
+            g3 = np.float64(gb[r + 3, c])
+            s1[c] += (g0 + g1) + (g2 + g3)
+            s2[c] += ((g0 * (vb[r, c] - m) + g1 * (vb[r + 1, c] - m))
+                      + (g2 * (vb[r + 2, c] - m) + g3 * (vb[r + 3, c] - m)))
+    for r in range(r4, nr):
         for c in range(vb.shape[1]):
             s1[c] += gb[r, c]
-            s2[c] += gb[r, c] * (vb[r, c] - mean[c])
+            s2[c] += np.float64(gb[r, c]) * (vb[r, c] - mean[c])
     p1[:] = s1
     p2[:] = s2
 
@@ -392,11 +449,14 @@ def stats_nhwc(x, mean, var, nthreads):
     pm = np.zeros((nt, C))
     pq = np.zeros((nt, C))
     for k in prange(nt):
+        r1 = (k + 1) * R // nt
+        if C >= WIDE:
+            pn[k, :] = _group_moments(x[k * R // nt:r1], pm[k], pq[k], 0.0)
+            continue
         bm = np.empty(C)
         bq = np.empty(C)
         be = np.empty(C)
         na = 0.0
-        r1 = (k + 1) * R // nt
         for r0 in range(k * R // nt, r1, rows):
             xb = x[r0:min(r0 + rows, r1)]
             _block_moments(xb, bm, bq, be, pm[k], pq[k], na)

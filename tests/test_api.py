@@ -418,3 +418,40 @@ def test_nchw_fused_and_separate_paths_match_reference(backend, rng, nthreads, C
         assert_close(a, b, dtype, 100)
     if view == "in place":
         assert y is x_in and got[0] is dy_in
+
+
+# Channels-last statistics of rows of 1024 channels or more merge groups of four rows
+# (_group_moments), narrower rows two-pass blocks; 39 rows leave remainders on 1 and 2
+# threads.  One channel is constant, one sits far from zero.
+@pytest.mark.parametrize("nthreads", [1, 2])
+@pytest.mark.parametrize("C", [1000, 1027])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("view", ["contiguous", "strided channels"])
+def test_wide_channels_last_rows_match_reference(backend, rng, nthreads, C, dtype, view):
+    before = bnf.get_num_threads()
+    base = make_x(rng, (3, 2 * C, 13), dtype, "NHWC")  # (3, 13, 2C)
+    base[..., 0] = 2.5
+    base[..., 2] += 1e4
+    x = base[..., ::2] if view == "strided channels" else base[..., :C]
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    gamma, beta, rm, rv = make_params(rng, C, dtype)
+    rm2, rv2 = rm.copy(), rv.copy()
+    yr, mr, sr = ref.batch_norm_train(x, gamma, beta, running_mean=rm2, running_var=rv2,
+                                      layout="NHWC")
+    want = ref.batch_norm_backward(dy, x, mr, sr, gamma, layout="NHWC")
+    try:
+        bnf.set_num_threads(min(nthreads, before))
+        y, mean, invstd = bnf.batch_norm_train(x, gamma, beta, running_mean=rm,
+                                               running_var=rv, layout="NHWC")
+        got = bnf.batch_norm_backward(dy, x, mean, invstd, gamma, layout="NHWC")
+    finally:
+        bnf.set_num_threads(before)
+    assert_close(y, yr, dtype, 10)
+    assert_close(mean, mr, dtype)
+    assert_close(invstd, sr, dtype, 10)
+    assert_close(rm, rm2, dtype)
+    assert_close(rv, rv2, dtype, 10)
+    for a, b in zip(got, want):
+        assert_close(a, b, dtype, 100)
+    assert mean[0] == dtype(2.5)
+    np.testing.assert_array_equal(y[..., 0], np.broadcast_to(beta[0], y.shape[:-1]))
