@@ -68,3 +68,24 @@ def backward_coefficients(mean, center, invstd, gamma, n, sdy, sdyx, a, b, d, dg
     if dgamma.shape[0]:
         dgamma[:] = sdyx * inv
         dbeta[:] = sdy
+
+
+def fold_moments(mean, var, mean_out, var_out):
+    """Mean and biased variance of C channels from k = len(mean) // C parts of equal
+    size, part j of channel c at index j * C + c (see ``_api._widened``).
+
+    Chan's formula for equal counts, about the first part's mean: equal parts give
+    that mean exactly, so a constant channel still has variance 0.
+    """
+    C = mean_out.shape[0]
+    k = mean.shape[0] // C
+    m = mean.reshape(k, C)
+    m0 = m[0].copy()
+    mean_out[:] = m0 + (m - m0).sum(axis=0) / k
+    d = m - mean_out
+    var_out[:] = var.reshape(k, C).sum(axis=0) / k + (d * d).sum(axis=0) / k
+
+
+def fold_sums(s, out):
+    """out[c] = the sum of s[j * C + c] over the k = len(s) // C parts."""
+    out[:] = s.reshape(s.shape[0] // out.shape[0], out.shape[0]).sum(axis=0)

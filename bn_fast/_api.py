@@ -78,6 +78,8 @@ def _output(x, axis, kind, out, shape):
     """
     if out is not None:
         v = _view(out, axis, kind)
+        if v is not None and v.shape != shape:  # a widened view (see _prepared)
+            v = v.reshape(shape, copy=False)
         if v is not None:
             return out, v, None
     target = _target(x, kind)
@@ -132,29 +134,62 @@ def _fused(K, kind, xv, nt):
             and hasattr(K, "train_nchw"))
 
 
-def _prepared(x, axis):
-    """(kernel module, threads, kind, canonical view) for x."""
-    return (*_backend.kernels(x.size), *_prepare(x, axis))
+# Channels-last rows of a few channels are too short for the kernels' inner loops to
+# vectorise: C=3 NHWC inference ran at half the speed of a copy, slower than PyTorch.
+# A C-contiguous (R, C) view is also an (R / k, k * C) view whose column j * C + c
+# holds channel c, so the kernels run on that, with per-channel vectors tiled k
+# times, and the statistics and sums of the k column groups are folded back to C.
+NARROW = 32          # channels-last views with fewer channels are widened,
+WIDE_ROW = 256       # to rows of at most this many elements (k: a power of two dividing R),
+WIDEN_FROM = 16384   # from this many elements; below, tiling and folding cost more than they save
+
+
+def _prepared(x, axis, *others, out=None):
+    """(kernel module, threads, kind, view of x, views of others, k) for x.
+
+    ``others`` (dy) get views of x's canonical shape.  k > 1 when all the views,
+    and out's, are widened by k (see above); per-channel vectors must then be tiled.
+    """
+    K, nt = _backend.kernels(x.size)
+    kind, xv = _prepare(x, axis)
+    views = [_input(a, axis, kind) for a in others] if others else ()
+    k = 1
+    if kind == "rc" and xv.shape[1] < NARROW and x.size >= WIDEN_FROM:
+        arrays = [xv, *views] + ([] if out is None else [_view(out, axis, kind)])
+        if all(v is not None and v.flags.c_contiguous for v in arrays):
+            R, C = xv.shape
+            while 2 * k * C <= WIDE_ROW and R % (2 * k) == 0:
+                k *= 2
+            xv = xv.reshape(R // k, k * C)
+            views = [v.reshape(xv.shape) for v in views]
+    return K, nt, kind, xv, views, k
+
+
+def _tile(v, k):
+    """A per-channel vector for a view widened by k."""
+    return v if k == 1 else np.tile(v, k)
 
 
 def _affine(x, axis, scale, shift, out):
     """y = x * scale + shift per channel; ``scale`` (C,), ``shift`` None (zero) or (C,)."""
-    K, nt, kind, xv = _prepared(x, axis)
-    zero = np.zeros(len(scale), x.dtype)
-    shift = zero if shift is None else np.ascontiguousarray(shift, x.dtype)
+    K, nt, kind, xv, _, k = _prepared(x, axis, out=out)
+    zero = np.zeros(len(scale) * k, x.dtype)
+    shift = zero if shift is None else _tile(np.ascontiguousarray(shift, x.dtype), k)
     y, yv, pending = _output(x, axis, kind, out, xv.shape)
     if x.size:
         f = K.affine_nchw if kind == "ncs" else K.affine_nhwc
-        f(xv, zero, scale.astype(x.dtype), shift, yv, nt)
+        f(xv, zero, _tile(scale.astype(x.dtype), k), shift, yv, nt)
     return _finish(y, pending)
 
 
 def _normalise(x, axis, prepared, mean, var, gamma, beta, eps, out):
     """y = (x - mean) / sqrt(var + eps) * gamma + beta per channel, in x's dtype."""
-    K, nt, kind, xv = prepared
+    K, nt, kind, xv, _, k = prepared
     C, e = len(mean), np.empty  # separate np.empty calls: half the time of a loop
     center, scale, shift = e(C, x.dtype), e(C, x.dtype), e(C, x.dtype)
     K.affine_coefficients(mean, var, _param(gamma), _param(beta), eps, center, scale, shift)
+    if k > 1:
+        center, scale, shift = _tile(center, k), _tile(scale, k), _tile(shift, k)
     y, yv, pending = _output(x, axis, kind, out, xv.shape)
     if x.size:
         (K.affine_nchw if kind == "ncs" else K.affine_nhwc)(xv, center, scale, shift, yv, nt)
@@ -213,7 +248,7 @@ def batch_norm_train(x, gamma=None, beta=None, *, running_mean=None, running_var
     out = check_out(out, x, x)
     check_training_size(x, axis)
 
-    K, nt, kind, xv = prepared = _prepared(x, axis)
+    K, nt, kind, xv, _, k = prepared = _prepared(x, axis, out=out)
     mean = np.empty(C)
     var = np.empty(C)
     if _fused(K, kind, xv, nt):
@@ -221,7 +256,12 @@ def batch_norm_train(x, gamma=None, beta=None, *, running_mean=None, running_var
         K.train_nchw(xv, _param(gamma), _param(beta), eps, mean, var, yv, nt)
         y = _finish(y, pending)
     else:
-        (K.stats_nchw if kind == "ncs" else K.stats_nhwc)(xv, mean, var, nt)
+        if k == 1:
+            (K.stats_nchw if kind == "ncs" else K.stats_nhwc)(xv, mean, var, nt)
+        else:
+            parts_mean, parts_var = np.empty(k * C), np.empty(k * C)
+            K.stats_nhwc(xv, parts_mean, parts_var, nt)
+            K.fold_moments(parts_mean, parts_var, mean, var)
         y = _normalise(x, axis, prepared, mean, var, gamma, beta, eps, out)
     saved_mean, saved_invstd = np.empty(C, x.dtype), np.empty(C, x.dtype)
     n = x.size // C
@@ -266,7 +306,7 @@ def batch_norm_infer(x, gamma, beta, running_mean, running_var, *, eps=1e-5,
     running_var = check_vector("running_var", running_var, x, C, layout)
     eps = check_eps(eps)
     out = check_out(out, x, x)
-    return _normalise(x, axis, _prepared(x, axis), running_mean, running_var, gamma, beta,
+    return _normalise(x, axis, _prepared(x, axis, out=out), running_mean, running_var, gamma, beta,
                       eps, out)
 
 
@@ -345,29 +385,34 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, training=True, layou
     if not training and gamma is None:  # constant statistics: dx = dy * invstd, nothing else
         return _affine(dy, axis, invstd, None, out), None, None
 
-    K, nt, kind, xv = _prepared(x, axis)
-    dyv = _input(dy, axis, kind)
+    K, nt, kind, xv, (dyv,), k = _prepared(x, axis, dy, out=out)
     # Sums about the mean rounded to x's dtype: x - center is then exact in x's dtype.
     center = np.ascontiguousarray(mean, x.dtype)
     sdy = np.zeros(C)
     sdyx = np.zeros(C)
-    k = 0 if gamma is None else C
-    dgamma, dbeta = np.empty(k, x.dtype), np.empty(k, x.dtype)
+    ng = 0 if gamma is None else C
+    dgamma, dbeta = np.empty(ng, x.dtype), np.empty(ng, x.dtype)
     if training and x.size and _fused(K, kind, xv, nt):
         y, yv, pending = _output(x, axis, kind, out, xv.shape)
         K.backward_nchw(dyv, xv, center, mean, invstd, _param(gamma), sdy, sdyx, dgamma, dbeta,
                         yv, nt)
         dx = _finish(y, pending)
     else:
-        if x.size:
+        if x.size and k == 1:
             (K.dsum_nchw if kind == "ncs" else K.dsum_nhwc)(dyv, xv, center, sdy, sdyx, nt)
+        elif x.size:
+            parts_sdy, parts_sdyx = np.empty(k * C), np.empty(k * C)
+            K.dsum_nhwc(dyv, xv, _tile(center, k), parts_sdy, parts_sdyx, nt)
+            K.fold_sums(parts_sdy, sdy)
+            K.fold_sums(parts_sdyx, sdyx)
         a, b, d = np.empty(C, x.dtype), np.empty(C, x.dtype), np.empty(C, x.dtype)
         K.backward_coefficients(mean, center, invstd, _param(gamma), max(1, x.size // C), sdy,
                                 sdyx, a, b, d, dgamma, dbeta)
         if training:
             y, yv, pending = _output(x, axis, kind, out, xv.shape)
             if x.size:
-                (K.dx_nchw if kind == "ncs" else K.dx_nhwc)(dyv, xv, center, a, b, d, yv, nt)
+                (K.dx_nchw if kind == "ncs" else K.dx_nhwc)(
+                    dyv, xv, _tile(center, k), _tile(a, k), _tile(b, k), _tile(d, k), yv, nt)
             dx = _finish(y, pending)
         else:  # constant statistics: dx = dy * gamma * invstd, which is a
             dx = _affine(dy, axis, a, None, out)

@@ -37,7 +37,8 @@ from libc.math cimport NAN, sqrt
 import numpy as np
 
 # The per-channel algebra between kernels: NumPy code shared with the other backends.
-from bn_fast._algebra import affine_coefficients, backward_coefficients, running_update
+from bn_fast._algebra import (affine_coefficients, backward_coefficients, fold_moments,
+                              fold_sums, running_update)
 
 ctypedef fused floating:
     float

@@ -39,6 +39,8 @@ WIDE = 1024  # channels from which channels-last statistics use _group_moments
 affine_coefficients = njit(**_SEQ)(_algebra.affine_coefficients)
 running_update = njit(**_SEQ)(_algebra.running_update)
 backward_coefficients = njit(**_SEQ)(_algebra.backward_coefficients)
+fold_moments = njit(**_SEQ)(_algebra.fold_moments)
+fold_sums = njit(**_SEQ)(_algebra.fold_sums)
 
 
 def _kernel(fn):

@@ -10,7 +10,13 @@ runs the public API on it.
 import numpy as np
 
 # The per-channel algebra between kernels, shared with the compiled backends.
-from ._algebra import affine_coefficients, backward_coefficients, running_update  # noqa: F401
+from ._algebra import (  # noqa: F401
+    affine_coefficients,
+    backward_coefficients,
+    fold_moments,
+    fold_sums,
+    running_update,
+)
 
 
 def _channels_last(a, layout):

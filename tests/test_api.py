@@ -455,3 +455,54 @@ def test_wide_channels_last_rows_match_reference(backend, rng, nthreads, C, dtyp
         assert_close(a, b, dtype, 100)
     assert mean[0] == dtype(2.5)
     np.testing.assert_array_equal(y[..., 0], np.broadcast_to(beta[0], y.shape[:-1]))
+
+
+# Channels-last inputs of fewer than 32 channels and at least 16384 elements run on
+# rows widened to k * C elements (k a power of two dividing the row count; 1 for an odd
+# one), with per-channel vectors tiled and statistics folded back.  Channel 0 is constant.
+@pytest.mark.parametrize("C,rows", [(3, 64 * 96), (5, 36 * 100), (16, 2048), (31, 640),
+                                    (3, 7 * 9 * 99)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("out", ["new", "in place", "strided out"])
+def test_few_channels_last_match_reference(backend, rng, C, rows, dtype, out):
+    x = make_x(rng, (4, C, rows // 4), dtype, "NHWC")
+    x[..., 0] = 1.5
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    gamma, beta, rm, rv = make_params(rng, C, dtype)
+    rm2, rv2 = rm.copy(), rv.copy()
+    yr, mr, sr = ref.batch_norm_train(x, gamma, beta, running_mean=rm2, running_var=rv2,
+                                      layout="NHWC")
+    wants = {t: ref.batch_norm_backward(dy, x, mr, sr, gamma, training=t, layout="NHWC")
+             for t in (True, False)}
+    yir = ref.batch_norm_infer(x, gamma, beta, rm2, rv2, layout="NHWC")
+
+    def target(a):
+        if out == "in place":
+            return a.copy()
+        if out == "strided out":
+            return np.empty(a.shape[:-1] + (2 * C,), dtype)[..., ::2]
+        return None
+
+    o = target(x)
+    y, mean, invstd = bnf.batch_norm_train(o if out == "in place" else x, gamma, beta,
+                                           running_mean=rm, running_var=rv, layout="NHWC",
+                                           out=o)
+    assert_close(y, yr, dtype, 10)
+    assert_close(mean, mr, dtype)
+    assert_close(invstd, sr, dtype, 10)
+    assert_close(rm, rm2, dtype)
+    assert_close(rv, rv2, dtype, 10)
+    assert mean[0] == dtype(1.5)
+    np.testing.assert_array_equal(y[..., 0], np.broadcast_to(beta[0], y.shape[:-1]))
+    o = target(x)
+    yi = bnf.batch_norm_infer(o if out == "in place" else x, gamma, beta, rm, rv,
+                              layout="NHWC", out=o)
+    assert_close(yi, yir, dtype, 10)
+    for training in (True, False):
+        o = target(dy)
+        got = bnf.batch_norm_backward(o if out == "in place" else dy, x, mr, sr, gamma,
+                                      training=training, layout="NHWC", out=o)
+        for a, b in zip(got, wants[training]):
+            assert_close(a, b, dtype, 100)
+        if o is not None:
+            assert got[0] is o
