@@ -72,7 +72,7 @@ def backward_coefficients(mean, center, invstd, gamma, n, sdy, sdyx, a, b, d, dg
 
 def fold_moments(mean, var, mean_out, var_out):
     """Mean and biased variance of C channels from k = len(mean) // C parts of equal
-    size, part j of channel c at index j * C + c (see ``_api._widened``).
+    size, part j of channel c at index j * C + c (see ``_api._prepared``).
 
     Chan's formula for equal counts, about the first part's mean: equal parts give
     that mean exactly, so a constant channel still has variance 0.

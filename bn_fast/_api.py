@@ -140,7 +140,8 @@ def _fused(K, kind, xv, nt):
 # holds channel c, so the kernels run on that, with per-channel vectors tiled k
 # times, and the statistics and sums of the k column groups are folded back to C.
 NARROW = 32          # channels-last views with fewer channels are widened,
-WIDE_ROW = 256       # to rows of at most this many elements (k: a power of two dividing R),
+WIDE_ROW = 256       # to rows of at most this many elements (k: the largest divisor of R
+                     # that allows), if that gives rows of NARROW elements or more,
 WIDEN_FROM = 16384   # from this many elements; below, tiling and folding cost more than they save
 
 
@@ -158,8 +159,9 @@ def _prepared(x, axis, *others, out=None):
         arrays = [xv, *views] + ([] if out is None else [_view(out, axis, kind)])
         if all(v is not None and v.flags.c_contiguous for v in arrays):
             R, C = xv.shape
-            while 2 * k * C <= WIDE_ROW and R % (2 * k) == 0:
-                k *= 2
+            k = next((j for j in range(WIDE_ROW // C, 1, -1) if R % j == 0), 1)
+            if k * C < NARROW:
+                k = 1
             xv = xv.reshape(R // k, k * C)
             views = [v.reshape(xv.shape) for v in views]
     return K, nt, kind, xv, views, k
