@@ -20,6 +20,7 @@ from setuptools.command.build_ext import build_ext
 from setuptools.errors import CompileError
 
 MARCH = os.environ.get("BN_FAST_MARCH", "native")
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 # Numba's fastmath minus 'nnan'/'ninf': reassociation lets the compiler vectorise
 # float64 sums, while NaN in x still reaches y.
@@ -54,9 +55,12 @@ class OptionalBuildExt(build_ext):
         except Exception as exc:  # no Cython, no compiler, no OpenMP, ...
             self.warn(f"the optional extension {ext.name} was not built "
                       f"({type(exc).__name__}: {exc}); bn_fast will use its Numba kernels")
-            stale = self.get_ext_fullpath(ext.name)  # from an earlier build: do not ship it
-            if os.path.exists(stale):
-                os.remove(stale)
+            # From an earlier build: neither ship it nor leave it in the source tree, where
+            # an editable install would go on importing the old kernels.
+            for stale in {self.get_ext_fullpath(ext.name),
+                          os.path.join(HERE, self.get_ext_filename(ext.name))}:
+                if os.path.exists(stale):
+                    os.remove(stale)
 
 
 setup(
