@@ -55,12 +55,14 @@ class OptionalBuildExt(build_ext):
         except Exception as exc:  # no Cython, no compiler, no OpenMP, ...
             self.warn(f"the optional extension {ext.name} was not built "
                       f"({type(exc).__name__}: {exc}); bn_fast will use its Numba kernels")
-            # From an earlier build: neither ship it nor leave it in the source tree, where
-            # an editable install would go on importing the old kernels.
-            for stale in {self.get_ext_fullpath(ext.name),
-                          os.path.join(HERE, self.get_ext_filename(ext.name))}:
-                if os.path.exists(stale):
-                    os.remove(stale)
+            # From an earlier build: do not ship it, and for an editable install (which
+            # imports the source tree) do not leave the old kernels there either.
+            stale = {self.get_ext_fullpath(ext.name)}
+            if getattr(self, "editable_mode", False):
+                stale.add(os.path.join(HERE, self.get_ext_filename(ext.name)))
+            for path in stale:
+                if os.path.exists(path):
+                    os.remove(path)
 
 
 setup(

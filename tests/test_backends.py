@@ -231,6 +231,8 @@ def test_cython_kernels_match_the_reference_kernels(kind, shape, dtype, nthreads
 @pytest.mark.skipif(not SETUP_PY.exists(), reason="needs the source tree (setup.py)")
 def test_build_without_a_c_compiler_warns_and_succeeds(tmp_path):
     # CC=false stands in for a machine without a working C compiler.
+    package = Path(PACKAGE_ROOT, "bn_fast")
+    installed = [*package.glob("_cython*.so"), *package.glob("_cython*.pyd")]
     result = subprocess.run(
         [sys.executable, str(SETUP_PY), "build_ext", "--build-lib", str(tmp_path / "lib"),
          "--build-temp", str(tmp_path / "tmp")],
@@ -239,3 +241,6 @@ def test_build_without_a_c_compiler_warns_and_succeeds(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "the optional extension bn_fast._cython was not built" in result.stderr
     assert not list(tmp_path.rglob("_cython*.so")) and not list(tmp_path.rglob("_cython*.pyd"))
+    # A failed build elsewhere must leave the source tree's extension (an editable
+    # install's) alone: only a failed editable build removes it.
+    assert all(p.exists() for p in installed)
