@@ -139,10 +139,9 @@ def _fused(K, kind, xv, nt):
 # A C-contiguous (R, C) view is also an (R / k, k * C) view whose column j * C + c
 # holds channel c, so the kernels run on that, with per-channel vectors tiled k
 # times, and the statistics and sums of the k column groups are folded back to C.
-NARROW = 32          # channels-last views with fewer channels are widened,
-WIDE_ROW = 256       # to rows of at most this many elements (k: the largest divisor of R
-                     # that allows), if that gives rows of NARROW elements or more,
-WIDEN_FROM = 16384   # from this many elements; below, tiling and folding cost more than they save
+NARROW = 32         # channels-last views with fewer channels are widened by k, the largest
+WIDE_ROW = 256      # divisor of R with k * C <= WIDE_ROW (not at all if k * C < NARROW),
+WIDEN_FROM = 16384  # from this many elements: below, tiling and folding cost more than they save
 
 
 def _prepared(x, axis, *others, out=None):
