@@ -17,6 +17,16 @@ def assert_close(actual, desired, dtype, scale=1.0):
     np.testing.assert_allclose(actual, desired, rtol=rtol * scale, atol=atol * scale)
 
 
+def assert_training_close(got, want, running, running_want, dtype):
+    """A training forward's (y, mean, invstd) and running (mean, var) against the reference's."""
+    (y, mean, invstd), (yr, mr, sr) = got, want
+    assert_close(y, yr, dtype, 10)
+    assert_close(mean, mr, dtype)
+    assert_close(invstd, sr, dtype, 10)
+    assert_close(running[0], running_want[0], dtype)
+    assert_close(running[1], running_want[1], dtype, 10)
+
+
 @pytest.mark.parametrize("shape,dtype,layout", CASES, ids=IDS)
 @pytest.mark.parametrize("affine", [True, False])
 def test_train(backend, rng, shape, dtype, layout, affine):
@@ -409,20 +419,16 @@ def test_nchw_fused_and_separate_paths_match_reference(backend, rng, nthreads, C
                                       out=dy_in if view == "in place" else None)
     finally:
         bnf.set_num_threads(before)
-    assert_close(y, yr, dtype, 10)
-    assert_close(mean, mr, dtype)
-    assert_close(invstd, sr, dtype, 10)
-    assert_close(rm, rm2, dtype)
-    assert_close(rv, rv2, dtype, 10)
+    assert_training_close((y, mean, invstd), (yr, mr, sr), (rm, rv), (rm2, rv2), dtype)
     for a, b in zip(got, want):
         assert_close(a, b, dtype, 100)
     if view == "in place":
         assert y is x_in and got[0] is dy_in
 
 
-# Channels-last statistics of rows of 1024 channels or more merge groups of four rows
-# (_group_moments), narrower rows two-pass blocks; 39 rows leave remainders on 1 and 2
-# threads.  One channel is constant, one sits far from zero.
+# Channels-last statistics of rows of 1024 channels or more merge groups of rows
+# (_group_moments: eight in Numba, four in Cython), narrower rows two-pass blocks; 39
+# rows leave remainders on 1 and 2 threads.  One channel is constant, one sits far from zero.
 @pytest.mark.parametrize("nthreads", [1, 2])
 @pytest.mark.parametrize("C", [1000, 1027])
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -446,11 +452,7 @@ def test_wide_channels_last_rows_match_reference(backend, rng, nthreads, C, dtyp
         got = bnf.batch_norm_backward(dy, x, mean, invstd, gamma, layout="NHWC")
     finally:
         bnf.set_num_threads(before)
-    assert_close(y, yr, dtype, 10)
-    assert_close(mean, mr, dtype)
-    assert_close(invstd, sr, dtype, 10)
-    assert_close(rm, rm2, dtype)
-    assert_close(rv, rv2, dtype, 10)
+    assert_training_close((y, mean, invstd), (yr, mr, sr), (rm, rv), (rm2, rv2), dtype)
     for a, b in zip(got, want):
         assert_close(a, b, dtype, 100)
     assert mean[0] == dtype(2.5)
@@ -488,11 +490,7 @@ def test_few_channels_last_match_reference(backend, rng, C, rows, dtype, out):
     y, mean, invstd = bnf.batch_norm_train(o if out == "in place" else x, gamma, beta,
                                            running_mean=rm, running_var=rv, layout="NHWC",
                                            out=o)
-    assert_close(y, yr, dtype, 10)
-    assert_close(mean, mr, dtype)
-    assert_close(invstd, sr, dtype, 10)
-    assert_close(rm, rm2, dtype)
-    assert_close(rv, rv2, dtype, 10)
+    assert_training_close((y, mean, invstd), (yr, mr, sr), (rm, rv), (rm2, rv2), dtype)
     assert mean[0] == dtype(1.5)
     np.testing.assert_array_equal(y[..., 0], np.broadcast_to(beta[0], y.shape[:-1]))
     o = target(x)
