@@ -138,6 +138,8 @@ class _Serialised:
 
     def __getattr__(self, name):
         kernel = getattr(self._module, name)
+        if not callable(kernel):  # a constant such as BLOCK
+            return kernel
 
         def locked(*args):
             with _launch_lock:

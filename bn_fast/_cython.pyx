@@ -34,6 +34,10 @@ cimport openmp
 from cython.parallel cimport prange
 from libc.math cimport NAN, sqrt
 
+
+cdef extern from *:
+    void __builtin_prefetch(const void* addr, int rw, int locality) noexcept nogil
+
 import numpy as np
 
 # The per-channel algebra between kernels: NumPy code shared with the other backends.
@@ -49,9 +53,10 @@ ctypedef struct Moments:  # count, mean and sum of centred squares of some eleme
     double m
     double q
 
-cdef enum:
+cpdef enum:
     BLOCK = 4096  # elements per statistics block: 16-32 KiB, stays in L1
     WIDE = 1024  # channels from which channels-last statistics use _group_moments
+    FAR_BYTES = 1 << 25  # two-pass statistics of inputs this large prefetch (as in _numba.py)
 cdef int _MAX_THREADS = openmp.omp_get_max_threads()  # before any set: honours OMP_NUM_THREADS
 
 
@@ -82,13 +87,6 @@ cdef inline floating* _out(floating* p, Py_ssize_t nbytes) noexcept nogil:
 cdef inline floating _at(const floating* p, Py_ssize_t i, Py_ssize_t stride) noexcept nogil:
     """Element i of a run with a byte stride."""
     return _in(p, i * stride)[0]
-
-
-cdef inline Py_ssize_t _batches(Py_ssize_t N, Py_ssize_t C, int nthreads) noexcept nogil:
-    # Split the batch too when there are too few channels to keep every thread busy.
-    if C >= 4 * nthreads:
-        return 1
-    return max(1, min(N, (4 * nthreads + C - 1) // C))
 
 
 cdef inline Py_ssize_t _channel_chunk(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
@@ -166,13 +164,24 @@ cdef inline Moments _moments_run(const floating* v, Py_ssize_t n, Py_ssize_t sv,
     return _merge(acc, <double>n, m, q)
 
 
+cdef inline void _prefetch_run(const floating* v, Py_ssize_t n) noexcept nogil:
+    """Prefetch the first BLOCK of n contiguous elements (see _prefetch in _numba.py)."""
+    cdef Py_ssize_t j
+    for j in range((min(n, BLOCK) * sizeof(floating) + 63) // 64):
+        __builtin_prefetch(_in(v, j * 64), 0, 3)
+
+
 cdef inline Moments _plane_moments(const floating* v, Py_ssize_t n, Py_ssize_t sv,
-                                   Moments acc) noexcept nogil:
-    """Merge a run of n elements into acc, one L1-sized block at a time."""
+                                   Moments acc, bint far=False) noexcept nogil:
+    """Merge a run of n elements into acc, one L1-sized block at a time.
+
+    far (contiguous runs only): prefetch each next block while the current one is summed."""
     cdef Py_ssize_t blk, lo, w
     for blk in range((n + BLOCK - 1) // BLOCK):
         lo = blk * BLOCK
         w = min(BLOCK, n - lo)
+        if far and lo + BLOCK < n:
+            _prefetch_run(_in(v, (lo + BLOCK) * sv), n - lo - BLOCK)
         if sv == sizeof(floating):
             acc = _moments_run(_in(v, lo * sv), w, sizeof(floating), acc)
         else:
@@ -380,24 +389,30 @@ cdef inline void _dx_cols(const floating* g, Py_ssize_t sg, const floating* v, P
 # the same inline loop with the stride as a literal; see the module docstring.
 
 def stats_nchw(const floating[:, :, :] x, double[::1] mean, double[::1] var, int nthreads):
-    """Per-channel mean and biased variance of an (N, C, S) view into float64 mean, var."""
+    """Per-channel mean and biased variance of an (N, C, S) view into float64 mean, var.
+
+    As in _numba.py: the N * C planes are read in memory order, part k on thread k.
+    """
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2]
     cdef Py_ssize_t s0 = x.strides[0], s1 = x.strides[1], s2 = x.strides[2]
-    cdef Py_ssize_t nb = _batches(N, C, nthreads)
-    cdef double[:, ::1] pn = np.zeros((nb, C)), pm = np.zeros((nb, C)), pq = np.zeros((nb, C))
+    cdef Py_ssize_t nt = max(1, min(nthreads, N * C))
+    cdef bint far = (N * C * S * sizeof(floating) >= FAR_BYTES and S * sizeof(floating) >= 4096
+                     and s2 == sizeof(floating))
+    cdef double[:, ::1] pn = np.zeros((nt, C)), pm = np.zeros((nt, C)), pq = np.zeros((nt, C))
     cdef const floating* x0 = &x[0, 0, 0]
-    cdef Py_ssize_t t, b, c, n
+    cdef Py_ssize_t k, p, p1, c, n
     cdef Moments acc
     with nogil:
-        for t in prange(nb * C, num_threads=nthreads, schedule="static"):
-            b = t // C
-            c = t - b * C
-            acc = _no_moments()  # an assignment, so that prange makes acc private
-            for n in range(b * N // nb, (b + 1) * N // nb):
-                acc = _plane_moments(_in(x0, n * s0 + c * s1), S, s2, acc)
-            pn[b, c] = acc.n
-            pm[b, c] = acc.m
-            pq[b, c] = acc.q
+        for k in prange(nt, num_threads=nthreads, schedule="static"):
+            p1 = (k + 1) * N * C // nt
+            for p in range(k * N * C // nt, p1):
+                n = p // C
+                c = p - n * C
+                if far and p + 1 < p1:
+                    _prefetch_run(_in(x0, (p + 1) // C * s0 + (p + 1) % C * s1), S)
+                acc.n, acc.m, acc.q = pn[k, c], pm[k, c], pq[k, c]
+                acc = _plane_moments(_in(x0, n * s0 + c * s1), S, s2, acc, far)
+                pn[k, c], pm[k, c], pq[k, c] = acc.n, acc.m, acc.q
         _reduce_moments(pn, pm, pq, mean, var)
 
 
@@ -497,29 +512,30 @@ def affine_nhwc(const floating[:, :] x, const floating[::1] center, const floati
 
 def dsum_nchw(const floating[:, :, :] dy, const floating[:, :, :] x, const floating[::1] mean,
               double[::1] sdy, double[::1] sdyx, int nthreads):
-    """Per-channel sum(dy) and sum(dy * (x - mean)) of (N, C, S) views, into float64."""
+    """Per-channel sum(dy) and sum(dy * (x - mean)) of (N, C, S) views, into float64,
+    reading the planes in memory order as stats_nchw."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2]
     cdef Py_ssize_t s0 = x.strides[0], s1 = x.strides[1], s2 = x.strides[2]
     cdef Py_ssize_t g0 = dy.strides[0], g1 = dy.strides[1], g2 = dy.strides[2]
-    cdef Py_ssize_t nb = _batches(N, C, nthreads)
-    cdef double[:, ::1] p1 = np.zeros((nb, C)), p2 = np.zeros((nb, C))
+    cdef Py_ssize_t nt = max(1, min(nthreads, N * C))
+    cdef double[:, ::1] p1 = np.zeros((nt, C)), p2 = np.zeros((nt, C))
     cdef const floating* x0 = &x[0, 0, 0]
     cdef const floating* d0 = &dy[0, 0, 0]
-    cdef Py_ssize_t t, b, c, n
+    cdef Py_ssize_t k, p, c, n
     cdef const floating* g
     cdef const floating* v
     with nogil:
-        for t in prange(nb * C, num_threads=nthreads, schedule="static"):
-            b = t // C
-            c = t - b * C
-            for n in range(b * N // nb, (b + 1) * N // nb):
+        for k in prange(nt, num_threads=nthreads, schedule="static"):
+            for p in range(k * N * C // nt, (k + 1) * N * C // nt):
+                n = p // C
+                c = p - n * C
                 g = _in(d0, n * g0 + c * g1)
                 v = _in(x0, n * s0 + c * s1)
                 if g2 == sizeof(floating) and s2 == sizeof(floating):
                     _dsums_run(g, sizeof(floating), v, sizeof(floating), S, mean[c],
-                               &p1[b, c], &p2[b, c])
+                               &p1[k, c], &p2[k, c])
                 else:
-                    _dsums_run(g, g2, v, s2, S, mean[c], &p1[b, c], &p2[b, c])
+                    _dsums_run(g, g2, v, s2, S, mean[c], &p1[k, c], &p2[k, c])
         _reduce_sums(p1, sdy)
         _reduce_sums(p2, sdyx)
 

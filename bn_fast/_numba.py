@@ -23,7 +23,11 @@ import types
 
 import numba
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange
+from numba import types as nbtypes
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from . import _algebra
 
@@ -35,6 +39,7 @@ _SEQ = dict(cache=True, nogil=True, fastmath=_FM)
 BLOCK = 4096  # elements per statistics block: 16-32 KiB, stays in L1
 WIDE = 1024  # channels from which channels-last statistics use _group_moments,
 GROUP = 8  # in groups of this many rows (8 was 1.1-1.4x faster than 4 on 1024-8192)
+FAR_BYTES = 1 << 25  # two-pass statistics of inputs this large prefetch (see _prefetch)
 
 # The per-channel algebra, compiled: one call instead of a dozen small NumPy operations.
 affine_coefficients = njit(**_SEQ)(_algebra.affine_coefficients)
@@ -79,14 +84,6 @@ def set_num_threads(n):
 # ---------------------------------------------------------------- helpers
 
 @njit(**_SEQ)
-def _batches(N, C, nthreads):
-    # Split the batch too when there are too few channels to keep every thread busy.
-    if C >= 4 * nthreads:
-        return 1
-    return max(1, min(N, (4 * nthreads + C - 1) // C))
-
-
-@njit(**_SEQ)
 def _channel_chunks(N, C, S, nthreads):
     """(channels per task, pieces per plane) for element-wise kernels on (N, C, S)."""
     # Short planes are grouped so that each task has about BLOCK elements: per-plane
@@ -106,6 +103,58 @@ def _task(t, nc, k, cb, C, S):
     c0 = j // k * cb
     p = j - j // k * k
     return n, c0, min(C, c0 + cb), p * S // k, (p + 1) * S // k
+
+
+@njit(**_SEQ)
+def _plane_split(x, nthreads):
+    """(parts, far) for channels-first reductions, which read the N * C planes in memory
+    order, part k of the planes on thread k: reading one channel's planes one after the
+    other (3 MB apart on 32x256x56x56) took 1.3-1.6x as long.  far: x is too large to
+    be in cache, and planes are long enough to be worth prefetching (see _prefetch)."""
+    N, C, S = x.shape
+    far = x.size * x.itemsize >= FAR_BYTES and S * x.itemsize >= 4096
+    return max(1, min(nthreads, N * C)), far
+
+
+@njit(**_SEQ)
+def _planes(p, p1, C, cb):
+    """(n, c0, c1): the planes from flat index p (of N * C) on, at most cb, up to p1 and
+    within one batch entry."""
+    n = p // C
+    c0 = p - n * C
+    return n, c0, min(C, c0 + cb, c0 + p1 - p)
+
+
+@intrinsic
+def _prefetch(typingctx, a, i):
+    """Ask the CPU to load the cache line of flat element i of contiguous array a.
+
+    The two-pass statistics alternate a pass over memory with a pass over L1, during
+    which the hardware prefetcher, driven by misses, has nothing to go on: prefetching
+    the next planes before that made channels-first statistics of 100 MB 1.4x faster.
+    """
+    def codegen(context, builder, sig, args):
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+            "llvm.prefetch.p0i8")
+        # read, high temporal locality (into every cache level), data
+        builder.call(fn, [builder.bitcast(builder.gep(data, [args[1]]), i8p),
+                          i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+    return nbtypes.void(a, nbtypes.intp), codegen
+
+
+@njit(**_SEQ)
+def _prefetch_planes(x, p, p1, C, cb):
+    """Prefetch what _planes(p, p1, C, cb) will next hand out (nothing past p1)."""
+    if p >= p1:
+        return
+    n, c0, c1 = _planes(p, p1, C, cb)
+    v = x[n, c0:c1]
+    for i in range(0, min(v.size, BLOCK), 64 // v.itemsize):
+        _prefetch(v, i)
 
 
 @njit(**_SEQ)
@@ -168,8 +217,10 @@ def _row_moments(xb, c):
 
 
 @njit(**_SEQ)
-def _planes_moments(xb, pn, pm, pq):
-    """Merge the moments of each row of a (channels, S) block into pn, pm, pq."""
+def _planes_moments(xb, pn, pm, pq, far=False):
+    """Merge the moments of each row of a (channels, S) block into pn, pm, pq.
+
+    far: prefetch each long row's next block while the current one is summed."""
     S = xb.shape[1]
     for c in range(xb.shape[0]):
         n_, m_, q_ = pn[c], pm[c], pq[c]
@@ -179,6 +230,10 @@ def _planes_moments(xb, pn, pm, pq):
             pn[c], pm[c], pq[c] = n_, m_, q_
             continue
         for lo in range(0, S, BLOCK):
+            if far and lo + BLOCK < S:
+                v = xb[c, lo + BLOCK:lo + 2 * BLOCK]
+                for i in range(0, v.size, 64 // v.itemsize):
+                    _prefetch(v, i)
             w = xb[c, lo:lo + BLOCK]
             m, q = _moments(w)
             n_, m_, q_ = _merge(n_, m_, q_, float(w.shape[0]), m, q)
@@ -423,18 +478,20 @@ def _backward_block(dy, x, c0, c1, center, mean, invstd, gamma, sdy, sdyx, dgamm
 def stats_nchw(x, mean, var, nthreads):
     """Per-channel mean and biased variance of an (N, C, S) view into float64 mean, var."""
     N, C, S = x.shape
-    nb = _batches(N, C, nthreads)
-    cb = max(1, min(C // (4 * nthreads), BLOCK // max(S, 1)))
-    nc = (C + cb - 1) // cb
-    pn = np.zeros((nb, C))
-    pm = np.zeros((nb, C))
-    pq = np.zeros((nb, C))
-    for t in prange(nb * nc):
-        b = t // nc
-        c0 = (t - b * nc) * cb
-        c1 = min(C, c0 + cb)
-        for n in range(b * N // nb, (b + 1) * N // nb):
-            _planes_moments(x[n, c0:c1], pn[b, c0:c1], pm[b, c0:c1], pq[b, c0:c1])
+    cb = max(1, min(C, BLOCK // max(S, 1)))
+    nt, far = _plane_split(x, nthreads)
+    pn = np.zeros((nt, C))
+    pm = np.zeros((nt, C))
+    pq = np.zeros((nt, C))
+    for k in prange(nt):
+        p0, p1 = k * N * C // nt, (k + 1) * N * C // nt
+        p = p0
+        while p < p1:
+            n, c0, c1 = _planes(p, p1, C, cb)
+            if far:
+                _prefetch_planes(x, c1 + n * C, p1, C, cb)
+            _planes_moments(x[n, c0:c1], pn[k, c0:c1], pm[k, c0:c1], pq[k, c0:c1], far)
+            p += c1 - c0
     _reduce_moments(pn, pm, pq, mean, var)
 
 
@@ -497,17 +554,17 @@ def affine_nhwc(x, center, scale, shift, y, nthreads):
 def dsum_nchw(dy, x, mean, sdy, sdyx, nthreads):
     """Per-channel sum(dy) and sum(dy * (x - mean)) of (N, C, S) views, into float64."""
     N, C, S = x.shape
-    nb = _batches(N, C, nthreads)
-    cb = max(1, min(C // (4 * nthreads), BLOCK // max(S, 1)))
-    nc = (C + cb - 1) // cb
-    p1 = np.zeros((nb, C))
-    p2 = np.zeros((nb, C))
-    for t in prange(nb * nc):
-        b = t // nc
-        c0 = (t - b * nc) * cb
-        c1 = min(C, c0 + cb)
-        for n in range(b * N // nb, (b + 1) * N // nb):
-            _planes_dsums(dy[n, c0:c1], x[n, c0:c1], mean[c0:c1], p1[b, c0:c1], p2[b, c0:c1])
+    cb = max(1, min(C, BLOCK // max(S, 1)))
+    nt, far = _plane_split(x, nthreads)
+    p1 = np.zeros((nt, C))
+    p2 = np.zeros((nt, C))
+    for k in prange(nt):
+        q0, q1 = k * N * C // nt, (k + 1) * N * C // nt
+        p = q0
+        while p < q1:
+            n, c0, c1 = _planes(p, q1, C, cb)
+            _planes_dsums(dy[n, c0:c1], x[n, c0:c1], mean[c0:c1], p1[k, c0:c1], p2[k, c0:c1])
+            p += c1 - c0
     _reduce_sums(p1, sdy)
     _reduce_sums(p2, sdyx)
 

@@ -393,8 +393,9 @@ def test_strided_per_channel_vectors(backend, rng, dtype):
 
 # Channels-first inputs big enough for the parallel kernels (>= 32768 elements): with
 # 16 channels training and backward take the fused one-pass kernels (a block of
-# channels summed, then normalised), with 4 on 2 threads the separate passes split over
-# the batch; on 1 thread both take the serial fused kernels.
+# channels summed, then normalised), 4 on 2 threads the separate passes, whose
+# reductions read the planes in memory order, split between the threads; on 1 thread
+# both take the serial fused kernels.
 @pytest.mark.parametrize("nthreads", [1, 2])
 @pytest.mark.parametrize("C", [4, 16])
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -424,6 +425,31 @@ def test_nchw_fused_and_separate_paths_match_reference(backend, rng, nthreads, C
         assert_close(a, b, dtype, 100)
     if view == "in place":
         assert y is x_in and got[0] is dy_in
+
+
+# Channels-first inputs the separate passes serve, whose reductions split the N * C
+# planes in memory order between the threads.  Inputs of 32 MiB or more prefetch the
+# planes ahead: the next plane (56x56), the next block of a long plane (768x768, 15
+# planes split 7 and 8).  Short planes (7x11) go in blocks of 13, and the split of 429
+# planes between two threads falls inside one.  Channel 0 is constant, one sits far
+# from zero.
+@pytest.mark.parametrize("shape", [(3, 5, 768, 768), (70, 40, 56, 56), (33, 13, 7, 11)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_channels_first_separate_passes_match_reference(backend, rng, shape, dtype):
+    x = make_x(rng, shape, dtype)
+    x[:, 0] = 2.5
+    x[:, 2] += 1e4
+    dy = rng.standard_normal(shape).astype(dtype)
+    gamma, beta, rm, rv = make_params(rng, shape[1], dtype)
+    rm2, rv2 = rm.copy(), rv.copy()
+    yr, mr, sr = ref.batch_norm_train(x, gamma, beta, running_mean=rm2, running_var=rv2)
+    want = ref.batch_norm_backward(dy, x, mr, sr, gamma)
+    y, mean, invstd = bnf.batch_norm_train(x, gamma, beta, running_mean=rm, running_var=rv)
+    assert_training_close((y, mean, invstd), (yr, mr, sr), (rm, rv), (rm2, rv2), dtype)
+    assert mean[0] == dtype(2.5)
+    np.testing.assert_array_equal(y[:, 0], np.broadcast_to(beta[0], y[:, 0].shape))
+    for a, b in zip(bnf.batch_norm_backward(dy, x, mean, invstd, gamma), want):
+        assert_close(a, b, dtype, 100)
 
 
 # Channels-last statistics of rows of 1024 channels or more merge groups of rows
