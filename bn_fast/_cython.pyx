@@ -227,12 +227,13 @@ cdef inline void _cols_sq(const floating* row, Py_ssize_t sr, Py_ssize_t sc, int
 
 cdef inline void _block_moments(const floating* xb, Py_ssize_t nr, Py_ssize_t sr, Py_ssize_t sc,
                                 Py_ssize_t C, double* bm, double* bq, double* be, double* pm,
-                                double* pq, double na) noexcept nogil:
+                                double* pq, double na, Py_ssize_t nn) noexcept nogil:
     """Merge the column moments of nr rows into running (pm, pq) over na rows.
 
     Float64 column means are corrected by the mean deviation be / nr, as in _moments_run.
+    The nn rows after the block are prefetched during the second pass, as in _numba.py.
     """
-    cdef Py_ssize_t r, c
+    cdef Py_ssize_t r, c, i, j
     cdef double d, f
     cdef bint unit = sc == sizeof(floating)
     for c in range(C):
@@ -250,6 +251,10 @@ cdef inline void _block_moments(const floating* xb, Py_ssize_t nr, Py_ssize_t sr
     for c in range(C):
         bm[c] /= nr
     for r in range(0, nr - nr % 4, 4):
+        if r < nn:
+            for i in range(r, min(r + 4, nn)):
+                for j in range((C * sc + 63) // 64):
+                    __builtin_prefetch(_in(xb, (nr + i) * sr + j * 64), 0, 3)
         if unit:
             _cols_sq(_in(xb, r * sr), sr, sizeof(floating), 4, bm, bq, be, C)
         else:
@@ -423,6 +428,9 @@ def stats_nhwc(const floating[:, :] x, double[::1] mean, double[::1] var, int nt
     cdef Py_ssize_t nt = max(1, min(nthreads, R))
     # As in _numba.py: blocks of ~16 BLOCKs, so wide rows do not pay per-block overhead often.
     cdef Py_ssize_t rows = max(16, 16 * BLOCK // max(C, 1))
+    cdef bint far = R * C * sizeof(floating) >= FAR_BYTES
+    if far:
+        rows = max(4, rows // 4)  # as in _numba.py
     # One allocation (small calls pay per array), grouped by thread and padded by a
     # cache line, so that two threads never write to the same line (false sharing made
     # two threads slower than one on 8192x64): per-thread partial
@@ -449,7 +457,8 @@ def stats_nhwc(const floating[:, :] x, double[::1] mean, double[::1] var, int nt
             while r0 < r1:
                 nr = min(rows, r1 - r0)
                 _block_moments(_in(x0, r0 * s0), nr, s0, s1, C,
-                               &bm[k, 0], &bq[k, 0], &be[k, 0], &pm[k, 0], &pq[k, 0], na)
+                               &bm[k, 0], &bq[k, 0], &be[k, 0], &pm[k, 0], &pq[k, 0], na,
+                               min(rows, r1 - r0 - nr) if far else 0)
                 na = na + nr
                 r0 = r0 + nr
             for c in range(C):

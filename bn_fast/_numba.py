@@ -127,7 +127,8 @@ def _planes(p, p1, C, cb):
 
 @intrinsic
 def _prefetch(typingctx, a, i):
-    """Ask the CPU to load the cache line of flat element i of contiguous array a.
+    """Ask the CPU to load the cache line i bytes past the start of a's data (a hint:
+    an address outside a does no harm).
 
     The two-pass statistics alternate a pass over memory with a pass over L1, during
     which the hardware prefetcher, driven by misses, has nothing to go on: prefetching
@@ -140,7 +141,7 @@ def _prefetch(typingctx, a, i):
             builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
             "llvm.prefetch.p0i8")
         # read, high temporal locality (into every cache level), data
-        builder.call(fn, [builder.bitcast(builder.gep(data, [args[1]]), i8p),
+        builder.call(fn, [builder.gep(builder.bitcast(data, i8p), [args[1]]),
                           i32(0), i32(3), i32(1)])
         return context.get_dummy_value()
     return nbtypes.void(a, nbtypes.intp), codegen
@@ -152,9 +153,22 @@ def _prefetch_planes(x, p, p1, C, cb):
     if p >= p1:
         return
     n, c0, c1 = _planes(p, p1, C, cb)
-    v = x[n, c0:c1]
-    for i in range(0, min(v.size, BLOCK), 64 // v.itemsize):
-        _prefetch(v, i)
+    _prefetch_run(x[n, c0:c1])
+
+
+@njit(**_SEQ)
+def _prefetch_rows(v, r0, r1):
+    """Prefetch rows r0:r1 of a 2-D array."""
+    for i in range(r0, r1):
+        for b in range(0, v.shape[1] * v.strides[1], 64):
+            _prefetch(v, i * v.strides[0] + b)
+
+
+@njit(**_SEQ)
+def _prefetch_run(v):
+    """Prefetch the first BLOCK elements of contiguous v."""
+    for b in range(0, min(v.size, BLOCK) * v.itemsize, 64):
+        _prefetch(v, b)
 
 
 @njit(**_SEQ)
@@ -231,9 +245,7 @@ def _planes_moments(xb, pn, pm, pq, far=False):
             continue
         for lo in range(0, S, BLOCK):
             if far and lo + BLOCK < S:
-                v = xb[c, lo + BLOCK:lo + 2 * BLOCK]
-                for i in range(0, v.size, 64 // v.itemsize):
-                    _prefetch(v, i)
+                _prefetch_run(xb[c, lo + BLOCK:])
             w = xb[c, lo:lo + BLOCK]
             m, q = _moments(w)
             n_, m_, q_ = _merge(n_, m_, q_, float(w.shape[0]), m, q)
@@ -241,8 +253,12 @@ def _planes_moments(xb, pn, pm, pq, far=False):
 
 
 @njit(**_SEQ)
-def _block_moments(xb, bm, bq, be, pm, pq, na):
-    """Merge the column moments of a block of rows into running (pm, pq) over na rows."""
+def _block_moments(xb, nxt, bm, bq, be, pm, pq, na):
+    """Merge the column moments of a block of rows into running (pm, pq) over na rows.
+
+    The rows of nxt (the next block, or none) are prefetched during the second pass,
+    four with every four rows: 1.3x faster on 100 MB (see _prefetch).
+    """
     # Rows are taken four at a time: one load and store of the C-long float64
     # accumulators serves four rows, which matters when C is in the thousands.
     nr = xb.shape[0]
@@ -261,6 +277,8 @@ def _block_moments(xb, bm, bq, be, pm, pq, na):
     bq[:] = 0.0
     be[:] = 0.0
     for r in range(0, r4, 4):
+        if r < nxt.shape[0]:
+            _prefetch_rows(nxt, r, min(r + 4, nxt.shape[0]))
         for c in range(C):
             m = bm[c]
             d0 = xb[r, c] - m
@@ -504,6 +522,9 @@ def stats_nhwc(x, mean, var, nthreads):
     # and merging C-long per-block accumulators, which dominates when C is in the thousands
     # (4 BLOCKs took 1.6x as long on 1568x2048).
     rows = max(16, 16 * BLOCK // C)
+    far = x.size * x.itemsize >= FAR_BYTES
+    if far:
+        rows = max(4, rows // 4)  # prefetched, quarter blocks were 1.04-1.2x faster
     pn = np.zeros((nt, C))
     pm = np.zeros((nt, C))
     pq = np.zeros((nt, C))
@@ -518,7 +539,8 @@ def stats_nhwc(x, mean, var, nthreads):
         na = 0.0
         for r0 in range(k * R // nt, r1, rows):
             xb = x[r0:min(r0 + rows, r1)]
-            _block_moments(xb, bm, bq, be, pm[k], pq[k], na)
+            nxt = x[r0 + rows:min(r0 + 2 * rows, r1)] if far else x[r1:r1]
+            _block_moments(xb, nxt, bm, bq, be, pm[k], pq[k], na)
             na += xb.shape[0]
         pn[k, :] = na
     _reduce_moments(pn, pm, pq, mean, var)

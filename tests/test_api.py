@@ -452,6 +452,24 @@ def test_channels_first_separate_passes_match_reference(backend, rng, shape, dty
         assert_close(a, b, dtype, 100)
 
 
+# Channels-last inputs of 32 MiB or more take smaller blocks of rows and prefetch the
+# next block; 172800 rows of 64 channels leave a partial block on each thread.
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_large_channels_last_inputs_match_reference(backend, rng, dtype):
+    x = make_x(rng, (3, 64, 240, 240), dtype, "NHWC")
+    x[..., 0] = 2.5
+    x[..., 2] += 1e4
+    gamma, beta, rm, rv = make_params(rng, 64, dtype)
+    rm2, rv2 = rm.copy(), rv.copy()
+    yr, mr, sr = ref.batch_norm_train(x, gamma, beta, running_mean=rm2, running_var=rv2,
+                                      layout="NHWC")
+    y, mean, invstd = bnf.batch_norm_train(x, gamma, beta, running_mean=rm, running_var=rv,
+                                           layout="NHWC")
+    assert_training_close((y, mean, invstd), (yr, mr, sr), (rm, rv), (rm2, rv2), dtype)
+    assert mean[0] == dtype(2.5)
+    np.testing.assert_array_equal(y[..., 0], np.broadcast_to(beta[0], y.shape[:-1]))
+
+
 # Channels-last statistics of rows of 1024 channels or more merge groups of rows
 # (_group_moments: eight in Numba, four in Cython), narrower rows two-pass blocks; 39
 # rows leave remainders on 1 and 2 threads.  One channel is constant, one sits far from zero.
