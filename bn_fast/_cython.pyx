@@ -38,6 +38,84 @@ from libc.math cimport NAN, sqrt
 cdef extern from *:
     void __builtin_prefetch(const void* addr, int rw, int locality) noexcept nogil
 
+
+# Streaming (non-temporal) stores for outputs of STREAM_BYTES or more, as in _numba.py
+# (_streamed there says why): each function writes n elements, a multiple of one
+# 32-byte vector, to a 32-byte aligned y, and ends with a fence.  x86 with AVX only;
+# elsewhere BN_STREAM is 0 and the kernels store as usual.
+cdef extern from *:
+    """
+    #if defined(__AVX__)
+    #include <immintrin.h>
+    #include <string.h>
+    #define BN_STREAM 1
+    typedef float bn_vf __attribute__((vector_size(32)));
+    typedef double bn_vd __attribute__((vector_size(32)));
+    #define BN_LOAD(V, p) ({ V v_; memcpy(&v_, (p), 32); v_; })
+    #define BN_KERNELS(T, V, STORE, SUF)                                                   \
+    static inline void bn_affine_stream_##SUF(const T* x, T* y, Py_ssize_t n,              \
+                                             T m, T a, T b) {                              \
+        for (Py_ssize_t i = 0; i < n; i += 32 / sizeof(T))                                \
+            STORE(y + i, (BN_LOAD(V, x + i) - m) * a + b);                                 \
+        _mm_sfence();                                                                      \
+    }                                                                                      \
+    static inline void bn_affine_stream_cols_##SUF(const T* x, T* y, Py_ssize_t n,         \
+                                                  const T* m, const T* a, const T* b) {    \
+        for (Py_ssize_t i = 0; i < n; i += 32 / sizeof(T))                                \
+            STORE(y + i, (BN_LOAD(V, x + i) - BN_LOAD(V, m + i)) * BN_LOAD(V, a + i)       \
+                         + BN_LOAD(V, b + i));                                             \
+    }                                                                                      \
+    static inline void bn_dx_stream_##SUF(const T* g, const T* x, T* o, Py_ssize_t n,      \
+                                         T m, T a, T b, T d) {                             \
+        for (Py_ssize_t i = 0; i < n; i += 32 / sizeof(T))                                \
+            STORE(o + i, BN_LOAD(V, g + i) * a + (BN_LOAD(V, x + i) - m) * b + d);         \
+        _mm_sfence();                                                                      \
+    }                                                                                      \
+    static inline void bn_dx_stream_cols_##SUF(const T* g, const T* x, T* o, Py_ssize_t n, \
+                                              const T* m, const T* a, const T* b,          \
+                                              const T* d) {                                \
+        for (Py_ssize_t i = 0; i < n; i += 32 / sizeof(T))                                \
+            STORE(o + i, BN_LOAD(V, g + i) * BN_LOAD(V, a + i)                             \
+                         + (BN_LOAD(V, x + i) - BN_LOAD(V, m + i)) * BN_LOAD(V, b + i)     \
+                         + BN_LOAD(V, d + i));                                             \
+    }
+    #define BN_STORE_F(p, v) _mm256_stream_ps((p), (__m256)(v))
+    #define BN_STORE_D(p, v) _mm256_stream_pd((p), (__m256d)(v))
+    BN_KERNELS(float, bn_vf, BN_STORE_F, f)
+    BN_KERNELS(double, bn_vd, BN_STORE_D, d)
+    static inline void bn_sfence(void) { _mm_sfence(); }
+    #else
+    #define BN_STREAM 0
+    #define BN_NONE(...) do {} while (0)
+    #define bn_affine_stream_f BN_NONE
+    #define bn_affine_stream_d BN_NONE
+    #define bn_affine_stream_cols_f BN_NONE
+    #define bn_affine_stream_cols_d BN_NONE
+    #define bn_dx_stream_f BN_NONE
+    #define bn_dx_stream_d BN_NONE
+    #define bn_dx_stream_cols_f BN_NONE
+    #define bn_dx_stream_cols_d BN_NONE
+    static inline void bn_sfence(void) {}
+    #endif
+    """
+    int BN_STREAM
+    void bn_sfence() noexcept nogil
+    void bn_affine_stream_f(const float*, float*, Py_ssize_t, float, float, float) noexcept nogil
+    void bn_affine_stream_d(const double*, double*, Py_ssize_t, double, double,
+                            double) noexcept nogil
+    void bn_affine_stream_cols_f(const float*, float*, Py_ssize_t, const float*, const float*,
+                                 const float*) noexcept nogil
+    void bn_affine_stream_cols_d(const double*, double*, Py_ssize_t, const double*,
+                                 const double*, const double*) noexcept nogil
+    void bn_dx_stream_f(const float*, const float*, float*, Py_ssize_t, float, float, float,
+                        float) noexcept nogil
+    void bn_dx_stream_d(const double*, const double*, double*, Py_ssize_t, double, double,
+                        double, double) noexcept nogil
+    void bn_dx_stream_cols_f(const float*, const float*, float*, Py_ssize_t, const float*,
+                             const float*, const float*, const float*) noexcept nogil
+    void bn_dx_stream_cols_d(const double*, const double*, double*, Py_ssize_t, const double*,
+                             const double*, const double*, const double*) noexcept nogil
+
 import numpy as np
 
 # The per-channel algebra between kernels: NumPy code shared with the other backends.
@@ -57,6 +135,7 @@ cpdef enum:
     BLOCK = 4096  # elements per statistics block: 16-32 KiB, stays in L1
     WIDE = 1024  # channels from which channels-last statistics use _group_moments
     FAR_BYTES = 1 << 25  # two-pass statistics of inputs this large prefetch (as in _numba.py)
+    STREAM_BYTES = 1 << 26  # element-wise kernels stream outputs this large (where BN_STREAM)
 cdef int _MAX_THREADS = openmp.omp_get_max_threads()  # before any set: honours OMP_NUM_THREADS
 
 
@@ -388,6 +467,47 @@ cdef inline void _dx_cols(const floating* g, Py_ssize_t sg, const floating* v, P
         _out(o, c * so)[0] = _at(g, c, sg) * a[c] + (_at(v, c, sv) - m[c]) * b[c] + d[c]
 
 
+cdef inline Py_ssize_t _to_vector(const void* o, Py_ssize_t n, Py_ssize_t size) noexcept nogil:
+    """Elements of size bytes from o to its next 32-byte boundary, at most n."""
+    return min(n, ((-<size_t>o) % 32) // size)
+
+
+cdef inline void _affine_stream(const floating* v, floating* o, Py_ssize_t n, floating m,
+                                floating a, floating b) noexcept nogil:
+    """_affine_run on contiguous runs, streaming from o's first 32-byte boundary on."""
+    cdef Py_ssize_t w = 32 // sizeof(floating)
+    cdef Py_ssize_t h = _to_vector(o, n, sizeof(floating))
+    cdef Py_ssize_t body = (n - h) - (n - h) % w
+    _affine_run(v, sizeof(floating), o, sizeof(floating), h, m, a, b)
+    if floating is float:
+        bn_affine_stream_f(v + h, o + h, body, m, a, b)
+    else:
+        bn_affine_stream_d(v + h, o + h, body, m, a, b)
+    _affine_run(v + h + body, sizeof(floating), o + h + body, sizeof(floating), n - h - body,
+                m, a, b)
+
+
+cdef inline void _dx_stream(const floating* g, const floating* v, floating* o, Py_ssize_t n,
+                            floating m, floating a, floating b, floating d) noexcept nogil:
+    cdef Py_ssize_t w = 32 // sizeof(floating)
+    cdef Py_ssize_t h = _to_vector(o, n, sizeof(floating))
+    cdef Py_ssize_t body = (n - h) - (n - h) % w
+    cdef Py_ssize_t f = sizeof(floating)
+    _dx_run(g, f, v, f, o, f, h, m, a, b, d)
+    if floating is float:
+        bn_dx_stream_f(g + h, v + h, o + h, body, m, a, b, d)
+    else:
+        bn_dx_stream_d(g + h, v + h, o + h, body, m, a, b, d)
+    _dx_run(g + h + body, f, v + h + body, f, o + h + body, f, n - h - body, m, a, b, d)
+
+
+cdef inline bint _streams_rows(Py_ssize_t R, Py_ssize_t C, const void* out, Py_ssize_t o0,
+                               Py_ssize_t o1, Py_ssize_t size) noexcept nogil:
+    """As in _numba.py: large, rows of whole vectors, each 32-byte aligned, unit columns."""
+    return (BN_STREAM and R * C * size >= STREAM_BYTES and o1 == size and C * size % 32 == 0
+            and (<size_t>out) % 32 == 0 and o0 % 32 == 0)
+
+
 # ---------------------------------------------------------------- kernels
 #
 # Each kernel branches once per run (plane piece or row) on unit strides, calling
@@ -482,6 +602,8 @@ def affine_nchw(const floating[:, :, :] x, const floating[::1] center,
     cdef Task tk
     cdef const floating* v
     cdef floating* o
+    cdef bint stream = (BN_STREAM and N * C * S * sizeof(floating) >= STREAM_BYTES
+                        and s2 == sizeof(floating) and o2 == sizeof(floating))
     with nogil:
         for t in prange(N * nc * k, num_threads=nthreads, schedule="static"):
             tk = _task(t, nc, k, cb, C, S)
@@ -489,7 +611,9 @@ def affine_nchw(const floating[:, :, :] x, const floating[::1] center,
             for c in range(tk.c0, tk.c1):
                 v = _in(x0, n * s0 + c * s1 + lo * s2)
                 o = _out(y0, n * o0 + c * o1 + lo * o2)
-                if s2 == sizeof(floating) and o2 == sizeof(floating):
+                if stream:
+                    _affine_stream(v, o, hi - lo, center[c], scale[c], shift[c])
+                elif s2 == sizeof(floating) and o2 == sizeof(floating):
                     _affine_run(v, sizeof(floating), o, sizeof(floating), hi - lo,
                                 center[c], scale[c], shift[c])
                 else:
@@ -508,15 +632,23 @@ def affine_nhwc(const floating[:, :] x, const floating[::1] center, const floati
     cdef const floating* a = &scale[0]
     cdef const floating* b = &shift[0]
     cdef bint unit = s1 == sizeof(floating) and o1 == sizeof(floating)
+    cdef bint stream = unit and _streams_rows(R, C, y0, o0, o1, sizeof(floating))
     cdef Py_ssize_t j, r
     with nogil:
         for j in prange(k, num_threads=nthreads, schedule="static"):
             for r in range(j * R // k, (j + 1) * R // k):
-                if unit:
+                if stream:
+                    if floating is float:
+                        bn_affine_stream_cols_f(_in(x0, r * s0), _out(y0, r * o0), C, m, a, b)
+                    else:
+                        bn_affine_stream_cols_d(_in(x0, r * s0), _out(y0, r * o0), C, m, a, b)
+                elif unit:
                     _affine_cols(_in(x0, r * s0), sizeof(floating), _out(y0, r * o0),
                                  sizeof(floating), C, m, a, b)
                 else:
                     _affine_cols(_in(x0, r * s0), s1, _out(y0, r * o0), o1, C, m, a, b)
+            if stream:
+                bn_sfence()
 
 
 def dsum_nchw(const floating[:, :, :] dy, const floating[:, :, :] x, const floating[::1] mean,
@@ -600,6 +732,8 @@ def dx_nchw(const floating[:, :, :] dy, const floating[:, :, :] x, const floatin
     cdef const floating* g
     cdef const floating* v
     cdef floating* o
+    cdef bint unit = g2 == sizeof(floating) and s2 == sizeof(floating) and o2 == sizeof(floating)
+    cdef bint stream = BN_STREAM and unit and N * C * S * sizeof(floating) >= STREAM_BYTES
     with nogil:
         for t in prange(N * nc * k, num_threads=nthreads, schedule="static"):
             tk = _task(t, nc, k, cb, C, S)
@@ -608,7 +742,9 @@ def dx_nchw(const floating[:, :, :] dy, const floating[:, :, :] x, const floatin
                 g = _in(d0, n * g0 + c * g1 + lo * g2)
                 v = _in(x0, n * s0 + c * s1 + lo * s2)
                 o = _out(y0, n * o0 + c * o1 + lo * o2)
-                if g2 == sizeof(floating) and s2 == sizeof(floating) and o2 == sizeof(floating):
+                if stream:
+                    _dx_stream(g, v, o, hi - lo, mean[c], a[c], b[c], d[c])
+                elif unit:
                     _dx_run(g, sizeof(floating), v, sizeof(floating), o, sizeof(floating),
                             hi - lo, mean[c], a[c], b[c], d[c])
                 else:
@@ -628,17 +764,27 @@ def dx_nhwc(const floating[:, :] dy, const floating[:, :] x, const floating[::1]
     cdef floating* y0 = &dx[0, 0]
     cdef bint unit = (s1 == sizeof(floating) and g1 == sizeof(floating)
                       and o1 == sizeof(floating))
+    cdef bint stream = unit and _streams_rows(R, C, y0, o0, o1, sizeof(floating))
     cdef Py_ssize_t j, r
     with nogil:
         for j in prange(k, num_threads=nthreads, schedule="static"):
             for r in range(j * R // k, (j + 1) * R // k):
-                if unit:
+                if stream:
+                    if floating is float:
+                        bn_dx_stream_cols_f(_in(d0, r * g0), _in(x0, r * s0), _out(y0, r * o0),
+                                            C, &mean[0], &a[0], &b[0], &d[0])
+                    else:
+                        bn_dx_stream_cols_d(_in(d0, r * g0), _in(x0, r * s0), _out(y0, r * o0),
+                                            C, &mean[0], &a[0], &b[0], &d[0])
+                elif unit:
                     _dx_cols(_in(d0, r * g0), sizeof(floating),
                              _in(x0, r * s0), sizeof(floating), _out(y0, r * o0),
                              sizeof(floating), C, &mean[0], &a[0], &b[0], &d[0])
                 else:
                     _dx_cols(_in(d0, r * g0), g1, _in(x0, r * s0), s1,
                              _out(y0, r * o0), o1, C, &mean[0], &a[0], &b[0], &d[0])
+            if stream:
+                bn_sfence()
 
 
 def _float64(v, Py_ssize_t C, double default):

@@ -429,11 +429,12 @@ def test_nchw_fused_and_separate_paths_match_reference(backend, rng, nthreads, C
 
 # Channels-first inputs the separate passes serve, whose reductions split the N * C
 # planes in memory order between the threads.  Inputs of 32 MiB or more prefetch the
-# planes ahead: the next plane (56x56), the next block of a long plane (768x768, 15
-# planes split 7 and 8).  Short planes (7x11) go in blocks of 13, and the split of 429
-# planes between two threads falls inside one.  Channel 0 is constant, one sits far
-# from zero.
-@pytest.mark.parametrize("shape", [(3, 5, 768, 768), (70, 40, 56, 56), (33, 13, 7, 11)])
+# planes ahead, and outputs of 64 MiB or more are written with streaming stores from
+# each plane's first 32-byte boundary: 1031x1093 planes (15, split 7 and 8) start at
+# every alignment and end mid-vector, 56x56 ones are whole vectors.  Short planes
+# (7x11) go in blocks of 13, and the split of 429 planes between two threads falls
+# inside one.  Channel 0 is constant, one sits far from zero.
+@pytest.mark.parametrize("shape", [(3, 5, 1031, 1093), (140, 40, 56, 56), (33, 13, 7, 11)])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_channels_first_separate_passes_match_reference(backend, rng, shape, dtype):
     x = make_x(rng, shape, dtype)
@@ -443,22 +444,31 @@ def test_channels_first_separate_passes_match_reference(backend, rng, shape, dty
     gamma, beta, rm, rv = make_params(rng, shape[1], dtype)
     rm2, rv2 = rm.copy(), rv.copy()
     yr, mr, sr = ref.batch_norm_train(x, gamma, beta, running_mean=rm2, running_var=rv2)
-    want = ref.batch_norm_backward(dy, x, mr, sr, gamma)
     y, mean, invstd = bnf.batch_norm_train(x, gamma, beta, running_mean=rm, running_var=rv)
     assert_training_close((y, mean, invstd), (yr, mr, sr), (rm, rv), (rm2, rv2), dtype)
     assert mean[0] == dtype(2.5)
     np.testing.assert_array_equal(y[:, 0], np.broadcast_to(beta[0], y[:, 0].shape))
+    del y, yr
+    want = ref.batch_norm_backward(dy, x, mr, sr, gamma)
     for a, b in zip(bnf.batch_norm_backward(dy, x, mean, invstd, gamma), want):
         assert_close(a, b, dtype, 100)
+    del want
+    yir = ref.batch_norm_infer(x, gamma, beta, rm, rv)
+    assert_close(bnf.batch_norm_infer(x, gamma, beta, rm, rv), yir, dtype, 10)
+    assert_close(bnf.batch_norm_infer(x, gamma, beta, rm, rv, out=x), yir, dtype, 10)
 
 
 # Channels-last inputs of 32 MiB or more take smaller blocks of rows and prefetch the
-# next block; 172800 rows of 64 channels leave a partial block on each thread.
+# next block; 270000 rows of 64 channels leave a partial block on each thread.  Outputs
+# of 64 MiB or more are written with streaming stores when their rows are whole
+# 32-byte vectors and aligned (new outputs, x itself when aligned), else as usual
+# (an output one element off alignment).
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_large_channels_last_inputs_match_reference(backend, rng, dtype):
-    x = make_x(rng, (3, 64, 240, 240), dtype, "NHWC")
+    x = make_x(rng, (3, 64, 300, 300), dtype, "NHWC")
     x[..., 0] = 2.5
     x[..., 2] += 1e4
+    dy = rng.standard_normal(x.shape).astype(dtype)
     gamma, beta, rm, rv = make_params(rng, 64, dtype)
     rm2, rv2 = rm.copy(), rv.copy()
     yr, mr, sr = ref.batch_norm_train(x, gamma, beta, running_mean=rm2, running_var=rv2,
@@ -468,6 +478,19 @@ def test_large_channels_last_inputs_match_reference(backend, rng, dtype):
     assert_training_close((y, mean, invstd), (yr, mr, sr), (rm, rv), (rm2, rv2), dtype)
     assert mean[0] == dtype(2.5)
     np.testing.assert_array_equal(y[..., 0], np.broadcast_to(beta[0], y.shape[:-1]))
+    del y, yr
+    want = ref.batch_norm_backward(dy, x, mr, sr, gamma, layout="NHWC")
+    for a, b in zip(bnf.batch_norm_backward(dy, x, mean, invstd, gamma, layout="NHWC"), want):
+        assert_close(a, b, dtype, 100)
+    del want
+    yir = ref.batch_norm_infer(x, gamma, beta, rm, rv, layout="NHWC")
+    raw = np.empty(x.size + 64 // x.itemsize + 1, dtype)
+    first = (-raw.ctypes.data % 64) // x.itemsize
+    for start in (first, first + 1):  # aligned, and one element off
+        out = raw[start:start + x.size].reshape(x.shape)
+        got = bnf.batch_norm_infer(x, gamma, beta, rm, rv, layout="NHWC", out=out)
+        assert got is out
+        assert_close(got, yir, dtype, 10)
 
 
 # Channels-last statistics of rows of 1024 channels or more merge groups of rows
