@@ -130,15 +130,14 @@ def _fused(K, kind, xv, nt):
     32x2048x7x7 took 0.87x the time of the two passes, on 32x128x28x28 0.8x.  Out of
     cache the two passes are faster, because their reductions read memory in order
     (fused training on 32x256x56x56 took 1.2x their time, on 128x3x224x224 1.5x).  The
-    fused kernels also leave threads idle below 4 channels per thread, and blocks of
-    short runs far apart (cb * S < 1024 elements, as with 64 channels of 8x8) were
-    slower.  The NumPy backend has no fused kernels.
+    fused kernels also leave threads idle below 4 channels per thread, and tasks of
+    short runs far apart (K.fused_run under 1024 elements, as with 64 channels of 8x8)
+    were slower.  The NumPy backend has no fused kernels.
     """
     if kind != "ncs" or not hasattr(K, "train_nchw"):
         return False
     N, C, S = xv.shape
-    cb = max(1, min(C // (4 * nt), K.BLOCK // S))  # channels per task, as in the kernels
-    return C >= 4 * nt and cb * S >= 1024 and xv.nbytes < K.FAR_BYTES
+    return C >= 4 * nt and xv.nbytes < K.FAR_BYTES and K.fused_run(C, S, nt) >= 1024
 
 
 # Channels-last rows of a few channels are too short for the kernels' inner loops to

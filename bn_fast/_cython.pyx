@@ -139,6 +139,12 @@ cpdef enum:
 cdef int _MAX_THREADS = openmp.omp_get_max_threads()  # before any set: honours OMP_NUM_THREADS
 
 
+def fused_run(C, S, nthreads):
+    """Elements in one contiguous run of a task of train_nchw / backward_nchw, for
+    _api._fused (as in _numba.py)."""
+    return _fused_block(C, S, nthreads) * S
+
+
 def max_threads():
     return _MAX_THREADS
 
@@ -792,47 +798,61 @@ def _float64(v, Py_ssize_t C, double default):
     return np.full(C, default) if v.shape[0] == 0 else np.ascontiguousarray(v, np.float64)
 
 
+cdef inline Py_ssize_t _fused_block(Py_ssize_t C, Py_ssize_t S, int nthreads) noexcept nogil:
+    """Channels per task of the fused kernels, as in _numba.py (fused_run)."""
+    return max(1, min(C // (4 * nthreads), BLOCK // max(S, 1)))
+
+
 def train_nchw(x, gamma, beta, double eps, mean, var, y, int nthreads):
     """stats_nchw and the normalisation in one pass over memory, as in _numba.py.
 
-    Each task normalises its channel right after summing it, while it is in cache.
+    Each task normalises its block of channels right after summing it, while it is in cache.
     """
     C = x.shape[1]
-    _train_nchw(x, _float64(gamma, C, 1.0), _float64(beta, C, 0.0), eps, mean, var, y, nthreads)
+    _train_nchw(x, _float64(gamma, C, 1.0), _float64(beta, C, 0.0), eps, mean, var,
+                np.empty((2, C), x.dtype), y, nthreads)
 
 
 def _train_nchw(const floating[:, :, :] x, const double[::1] gamma, const double[::1] beta,
-                double eps, double[::1] mean, double[::1] var, floating[:, :, :] y,
-                int nthreads):
+                double eps, double[::1] mean, double[::1] var, floating[:, ::1] coef,
+                floating[:, :, :] y, int nthreads):
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2]
     cdef Py_ssize_t s0 = x.strides[0], s1 = x.strides[1], s2 = x.strides[2]
     cdef Py_ssize_t o0 = y.strides[0], o1 = y.strides[1], o2 = y.strides[2]
+    cdef Py_ssize_t cb = _fused_block(C, S, nthreads)
     cdef const floating* x0 = &x[0, 0, 0]
     cdef floating* y0 = &y[0, 0, 0]
-    cdef Py_ssize_t c, n
+    cdef Py_ssize_t t, c, n
     cdef Moments acc
     cdef double a
-    cdef floating hi, scale, shift
     cdef const floating* v
     cdef floating* o
     with nogil:
-        for c in prange(C, num_threads=nthreads, schedule="static"):
-            acc = _no_moments()
+        for t in prange((C + cb - 1) // cb, num_threads=nthreads, schedule="static"):
+            for c in range(t * cb, min(C, t * cb + cb)):
+                mean[c] = 0.0
+                var[c] = 0.0
+            # Batch entry by batch entry, the block's planes lie next to each other in memory.
             for n in range(N):
-                acc = _plane_moments(_in(x0, n * s0 + c * s1), S, s2, acc)
-            mean[c] = acc.m
-            var[c] = acc.q / acc.n
-            a = 1.0 / sqrt(var[c] + eps) * gamma[c]
-            hi = <floating>acc.m  # the mean rounded to x's dtype, as _api._split does
-            scale = <floating>a
-            shift = <floating>(beta[c] - (acc.m - hi) * a)
+                for c in range(t * cb, min(C, t * cb + cb)):
+                    acc.n, acc.m, acc.q = <double>(n * S), mean[c], var[c]
+                    acc = _plane_moments(_in(x0, n * s0 + c * s1), S, s2, acc)
+                    mean[c], var[c] = acc.m, acc.q
+            for c in range(t * cb, min(C, t * cb + cb)):
+                var[c] = var[c] / (N * S)
+                a = 1.0 / sqrt(var[c] + eps) * gamma[c]
+                # the mean rounded to x's dtype, as _algebra.affine_coefficients does
+                coef[0, c] = <floating>a
+                coef[1, c] = <floating>(beta[c] - (mean[c] - <floating>mean[c]) * a)
             for n in range(N):
-                v = _in(x0, n * s0 + c * s1)
-                o = _out(y0, n * o0 + c * o1)
-                if s2 == sizeof(floating) and o2 == sizeof(floating):
-                    _affine_run(v, sizeof(floating), o, sizeof(floating), S, hi, scale, shift)
-                else:
-                    _affine_run(v, s2, o, o2, S, hi, scale, shift)
+                for c in range(t * cb, min(C, t * cb + cb)):
+                    v = _in(x0, n * s0 + c * s1)
+                    o = _out(y0, n * o0 + c * o1)
+                    if s2 == sizeof(floating) and o2 == sizeof(floating):
+                        _affine_run(v, sizeof(floating), o, sizeof(floating), S,
+                                    <floating>mean[c], coef[0, c], coef[1, c])
+                    else:
+                        _affine_run(v, s2, o, o2, S, <floating>mean[c], coef[0, c], coef[1, c])
 
 
 def backward_nchw(dy, x, center, mean, invstd, gamma, sdy, sdyx, dgamma, dbeta, dx,
@@ -843,10 +863,10 @@ def backward_nchw(dy, x, center, mean, invstd, gamma, sdy, sdyx, dgamma, dbeta, 
     backward_coefficients then fills dgamma and dbeta from the sums.
     """
     C = x.shape[1]
+    scratch = np.empty((3, C), x.dtype)
     _backward_nchw(dy, x, center, np.asarray(mean, np.float64) - center,
                    np.ascontiguousarray(invstd, np.float64), _float64(gamma, C, 1.0),
-                   sdy, sdyx, dx, nthreads)
-    scratch = np.empty((3, C), x.dtype)
+                   sdy, sdyx, scratch, dx, nthreads)
     backward_coefficients(mean, center, invstd, gamma, x.shape[0] * x.shape[2], sdy, sdyx,
                           *scratch, dgamma, dbeta)
 
@@ -854,44 +874,50 @@ def backward_nchw(dy, x, center, mean, invstd, gamma, sdy, sdyx, dgamma, dbeta, 
 def _backward_nchw(const floating[:, :, :] dy, const floating[:, :, :] x,
                    const floating[::1] center, const double[::1] lo, const double[::1] invstd,
                    const double[::1] gamma, double[::1] sdy, double[::1] sdyx,
-                   floating[:, :, :] dx, int nthreads):
+                   floating[:, ::1] coef, floating[:, :, :] dx, int nthreads):
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2]
     cdef Py_ssize_t s0 = x.strides[0], s1 = x.strides[1], s2 = x.strides[2]
     cdef Py_ssize_t g0 = dy.strides[0], g1 = dy.strides[1], g2 = dy.strides[2]
     cdef Py_ssize_t o0 = dx.strides[0], o1 = dx.strides[1], o2 = dx.strides[2]
     cdef bint unit = (s2 == sizeof(floating) and g2 == sizeof(floating)
                       and o2 == sizeof(floating))
+    cdef Py_ssize_t cb = _fused_block(C, S, nthreads)
     cdef const floating* x0 = &x[0, 0, 0]
     cdef const floating* d0 = &dy[0, 0, 0]
     cdef floating* y0 = &dx[0, 0, 0]
     cdef double count = <double>(N * S)
-    cdef Py_ssize_t c, n
-    cdef double t1, t2, a, b, d
+    cdef Py_ssize_t t, c, n
+    cdef double a, b
     cdef const floating* g
     cdef const floating* v
     with nogil:
-        for c in prange(C, num_threads=nthreads, schedule="static"):
-            t1 = 0.0
-            t2 = 0.0
+        for t in prange((C + cb - 1) // cb, num_threads=nthreads, schedule="static"):
+            for c in range(t * cb, min(C, t * cb + cb)):
+                sdy[c] = 0.0
+                sdyx[c] = 0.0  # about the centre; backward_coefficients moves it to the mean
             for n in range(N):
-                g = _in(d0, n * g0 + c * g1)
-                v = _in(x0, n * s0 + c * s1)
-                if unit:
-                    _dsums_run(g, sizeof(floating), v, sizeof(floating), S, center[c], &t1, &t2)
-                else:
-                    _dsums_run(g, g2, v, s2, S, center[c], &t1, &t2)
-            sdy[c] = t1
-            sdyx[c] = t2  # about the centre; backward_coefficients moves it to the mean
-            a = invstd[c] * gamma[c]
-            b = -a * invstd[c] * invstd[c] * (t2 - lo[c] * t1) / count
-            d = -a * t1 / count - lo[c] * b
+                for c in range(t * cb, min(C, t * cb + cb)):
+                    g = _in(d0, n * g0 + c * g1)
+                    v = _in(x0, n * s0 + c * s1)
+                    if unit:
+                        _dsums_run(g, sizeof(floating), v, sizeof(floating), S, center[c],
+                                   &sdy[c], &sdyx[c])
+                    else:
+                        _dsums_run(g, g2, v, s2, S, center[c], &sdy[c], &sdyx[c])
+            for c in range(t * cb, min(C, t * cb + cb)):
+                a = invstd[c] * gamma[c]
+                b = -a * invstd[c] * invstd[c] * (sdyx[c] - lo[c] * sdy[c]) / count
+                coef[0, c] = <floating>a
+                coef[1, c] = <floating>b
+                coef[2, c] = <floating>(-a * sdy[c] / count - lo[c] * b)
             for n in range(N):
-                g = _in(d0, n * g0 + c * g1)
-                v = _in(x0, n * s0 + c * s1)
-                if unit:
-                    _dx_run(g, sizeof(floating), v, sizeof(floating),
-                            _out(y0, n * o0 + c * o1), sizeof(floating), S, center[c],
-                            <floating>a, <floating>b, <floating>d)
-                else:
-                    _dx_run(g, g2, v, s2, _out(y0, n * o0 + c * o1), o2, S, center[c],
-                            <floating>a, <floating>b, <floating>d)
+                for c in range(t * cb, min(C, t * cb + cb)):
+                    g = _in(d0, n * g0 + c * g1)
+                    v = _in(x0, n * s0 + c * s1)
+                    if unit:
+                        _dx_run(g, sizeof(floating), v, sizeof(floating),
+                                _out(y0, n * o0 + c * o1), sizeof(floating), S, center[c],
+                                coef[0, c], coef[1, c], coef[2, c])
+                    else:
+                        _dx_run(g, g2, v, s2, _out(y0, n * o0 + c * o1), o2, S, center[c],
+                                coef[0, c], coef[1, c], coef[2, c])

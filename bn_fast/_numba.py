@@ -75,6 +75,12 @@ def _kernel(fn):
     return kernel
 
 
+def fused_run(C, S, nthreads):
+    """Elements in one contiguous run of a task of train_nchw / backward_nchw (a block of
+    channels of one batch entry), for _api._fused."""
+    return max(1, min(C // (4 * nthreads), BLOCK // max(S, 1))) * S
+
+
 def max_threads():
     return numba.config.NUMBA_NUM_THREADS
 

@@ -427,6 +427,22 @@ def test_nchw_fused_and_separate_paths_match_reference(backend, rng, nthreads, C
         assert y is x_in and got[0] is dy_in
 
 
+# 7x7 planes of 525 channels on 2 threads: the fused kernels take blocks of 65 channels
+# (the last one of 5), batch entry by batch entry.
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nchw_fused_blocks_of_channels_match_reference(backend, rng, dtype):
+    x = make_x(rng, (4, 525, 7, 7), dtype)
+    dy = make_x(rng, x.shape, dtype, loc=0.0)
+    gamma, beta, rm, rv = make_params(rng, 525, dtype)
+    rm2, rv2 = rm.copy(), rv.copy()
+    yr, mr, sr = ref.batch_norm_train(x, gamma, beta, running_mean=rm2, running_var=rv2)
+    y, mean, invstd = bnf.batch_norm_train(x, gamma, beta, running_mean=rm, running_var=rv)
+    assert_training_close((y, mean, invstd), (yr, mr, sr), (rm, rv), (rm2, rv2), dtype)
+    got = bnf.batch_norm_backward(dy, x, mean, invstd, gamma)
+    for a, b in zip(got, ref.batch_norm_backward(dy, x, mr, sr, gamma)):
+        assert_close(a, b, dtype, 100)
+
+
 # Channels-first inputs the separate passes serve, whose reductions split the N * C
 # planes in memory order between the threads.  Inputs of 32 MiB or more prefetch the
 # planes ahead, and outputs of 64 MiB or more are written with streaming stores from
