@@ -428,10 +428,11 @@ def _streamed(formula, n_in, lanes):
 
     An ordinary store first reads the line it writes into the cache, so an element-wise
     pass over an output larger than the cache moves three bytes for every two: streaming
-    stores made inference on 100 MB 1.6x faster.  On data in cache they are far slower
-    (20x on a 12.8 MB input, whose output the next call finds evicted), hence
-    STREAM_BYTES.  LLVM does not vectorise a loop of non-temporal scalar stores whose
-    alignment it cannot prove, so the vector is built here.
+    stores made the normalisation of 100 MB 1.4-1.6x faster.  An output that fits in
+    cache would be evicted from it for whatever reads it next (and a first version that
+    streamed the 7x7 planes of a 12.8 MB input took 20x as long), hence STREAM_BYTES.
+    LLVM does not vectorise a loop of non-temporal scalar stores whose alignment it
+    cannot prove, so the vector is built here.
     """
     def codegen(context, builder, sig, vals):
         dtype = sig.args[0].dtype
@@ -754,7 +755,7 @@ def dsum_nchw(dy, x, mean, sdy, sdyx, nthreads):
     """Per-channel sum(dy) and sum(dy * (x - mean)) of (N, C, S) views, into float64."""
     N, C, S = x.shape
     cb = max(1, min(C, BLOCK // max(S, 1)))
-    nt, far = _plane_split(x, nthreads)
+    nt = _plane_split(x, nthreads)[0]  # one pass: nothing to prefetch for
     p1 = np.zeros((nt, C))
     p2 = np.zeros((nt, C))
     for k in prange(nt):
