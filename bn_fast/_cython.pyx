@@ -509,9 +509,9 @@ cdef inline void _dx_stream(const floating* g, const floating* v, floating* o, P
 
 cdef inline bint _streams_rows(Py_ssize_t R, Py_ssize_t C, const void* out, Py_ssize_t o0,
                                Py_ssize_t o1, Py_ssize_t size) noexcept nogil:
-    """As in _numba.py: large, rows of whole vectors, each 32-byte aligned, unit columns."""
+    """As in _numba.py: large, C-contiguous, rows of whole 32-byte vectors, aligned."""
     return (BN_STREAM and R * C * size >= STREAM_BYTES and o1 == size and C * size % 32 == 0
-            and (<size_t>out) % 32 == 0 and o0 % 32 == 0)
+            and o0 == C * size and (<size_t>out) % 32 == 0)
 
 
 # ---------------------------------------------------------------- kernels
@@ -609,7 +609,8 @@ def affine_nchw(const floating[:, :, :] x, const floating[::1] center,
     cdef const floating* v
     cdef floating* o
     cdef bint stream = (BN_STREAM and N * C * S * sizeof(floating) >= STREAM_BYTES
-                        and s2 == sizeof(floating) and o2 == sizeof(floating))
+                        and s2 == sizeof(floating) and o2 == sizeof(floating)
+                        and S * sizeof(floating) >= 4096)  # as in _numba.py
     with nogil:
         for t in prange(N * nc * k, num_threads=nthreads, schedule="static"):
             tk = _task(t, nc, k, cb, C, S)
@@ -739,7 +740,8 @@ def dx_nchw(const floating[:, :, :] dy, const floating[:, :, :] x, const floatin
     cdef const floating* v
     cdef floating* o
     cdef bint unit = g2 == sizeof(floating) and s2 == sizeof(floating) and o2 == sizeof(floating)
-    cdef bint stream = BN_STREAM and unit and N * C * S * sizeof(floating) >= STREAM_BYTES
+    cdef bint stream = (BN_STREAM and unit and N * C * S * sizeof(floating) >= STREAM_BYTES
+                        and S * sizeof(floating) >= 4096)
     with nogil:
         for t in prange(N * nc * k, num_threads=nthreads, schedule="static"):
             tk = _task(t, nc, k, cb, C, S)

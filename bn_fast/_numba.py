@@ -121,8 +121,9 @@ def _task(t, nc, k, cb, C, S):
 def _plane_split(x, nthreads):
     """(parts, far) for channels-first reductions, which read the N * C planes in memory
     order, part k of the planes on thread k: reading one channel's planes one after the
-    other (3 MB apart on 32x256x56x56) took 1.3-1.6x as long.  far: x is too large to
-    be in cache, and planes are long enough to be worth prefetching (see _prefetch)."""
+    other (3 MB apart on 32x256x56x56) made the gradient sums 1.2x slower.  far: x is
+    too large to be in cache, and planes are long enough to be worth prefetching (see
+    _prefetch)."""
     N, C, S = x.shape
     far = x.size * x.itemsize >= FAR_BYTES and S * x.itemsize >= 4096
     return max(1, min(nthreads, N * C)), far
@@ -269,7 +270,7 @@ def _block_moments(xb, nxt, bm, bq, be, pm, pq, na):
     """Merge the column moments of a block of rows into running (pm, pq) over na rows.
 
     The rows of nxt (the next block, or none) are prefetched during the second pass,
-    four with every four rows: 1.3x faster on 100 MB (see _prefetch).
+    four with every four rows: 1.05-1.2x faster on 100 MB (see _prefetch).
     """
     # Rows are taken four at a time: one load and store of the C-long float64
     # accumulators serves four rows, which matters when C is in the thousands.
@@ -542,18 +543,20 @@ def _stream_plane_dx(g, v, o, a, b, m, d, c, s0, s1):
 
 @njit(**_SEQ)
 def _streams_planes(out, x):
-    """Whether a channels-first kernel streams into out (planes contiguous, out large)."""
+    """Whether a channels-first kernel streams into out: large, planes contiguous and
+    of 4 KiB or more (each plane streams from its own first 32-byte boundary and ends
+    with a fence; on 7x7 planes that cost more than it saved)."""
     return (out.size * out.itemsize >= STREAM_BYTES and out.strides[2] == out.itemsize
-            and x.strides[2] == x.itemsize)
+            and x.strides[2] == x.itemsize and out.shape[2] * out.itemsize >= 4096)
 
 
 @njit(**_SEQ)
 def _streams_rows(out, x):
-    """Whether a channels-last kernel streams into out: large, x laid out as out, rows of
-    whole vectors, each 32-byte aligned, unit column strides."""
+    """Whether a channels-last kernel streams into out: large, C-contiguous (so that
+    whole lines are written), x laid out as out, rows of whole 32-byte vectors, aligned."""
     return (out.size * out.itemsize >= STREAM_BYTES and x.strides == out.strides
             and out.strides[1] == out.itemsize and out.shape[1] * out.itemsize % 32 == 0
-            and out.ctypes.data % 32 == 0 and out.strides[0] % 32 == 0)
+            and out.strides[0] == out.shape[1] * out.itemsize and out.ctypes.data % 32 == 0)
 
 
 @njit(**_SEQ)
