@@ -507,6 +507,12 @@ cdef inline void _dx_stream(const floating* g, const floating* v, floating* o, P
     _dx_run(g + h + body, f, v + h + body, f, o + h + body, f, n - h - body, m, a, b, d)
 
 
+cdef inline bint _streams_planes(Py_ssize_t nbytes, Py_ssize_t S, Py_ssize_t size) noexcept nogil:
+    """As in _numba.py: an output of nbytes streams when large, with planes of 4 KiB or
+    more (the caller checks that the runs are contiguous)."""
+    return BN_STREAM and nbytes >= STREAM_BYTES and S * size >= 4096
+
+
 cdef inline bint _streams_rows(Py_ssize_t R, Py_ssize_t C, const void* out, Py_ssize_t o0,
                                Py_ssize_t o1, Py_ssize_t size) noexcept nogil:
     """As in _numba.py: large, C-contiguous, rows of whole 32-byte vectors, aligned."""
@@ -608,9 +614,8 @@ def affine_nchw(const floating[:, :, :] x, const floating[::1] center,
     cdef Task tk
     cdef const floating* v
     cdef floating* o
-    cdef bint stream = (BN_STREAM and N * C * S * sizeof(floating) >= STREAM_BYTES
-                        and s2 == sizeof(floating) and o2 == sizeof(floating)
-                        and S * sizeof(floating) >= 4096)  # as in _numba.py
+    cdef bint stream = (s2 == sizeof(floating) and o2 == sizeof(floating)
+                        and _streams_planes(N * C * S * sizeof(floating), S, sizeof(floating)))
     with nogil:
         for t in prange(N * nc * k, num_threads=nthreads, schedule="static"):
             tk = _task(t, nc, k, cb, C, S)
@@ -740,8 +745,8 @@ def dx_nchw(const floating[:, :, :] dy, const floating[:, :, :] x, const floatin
     cdef const floating* v
     cdef floating* o
     cdef bint unit = g2 == sizeof(floating) and s2 == sizeof(floating) and o2 == sizeof(floating)
-    cdef bint stream = (BN_STREAM and unit and N * C * S * sizeof(floating) >= STREAM_BYTES
-                        and S * sizeof(floating) >= 4096)
+    cdef bint stream = unit and _streams_planes(N * C * S * sizeof(floating), S,
+                                                sizeof(floating))
     with nogil:
         for t in prange(N * nc * k, num_threads=nthreads, schedule="static"):
             tk = _task(t, nc, k, cb, C, S)

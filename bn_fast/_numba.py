@@ -109,7 +109,8 @@ def _channel_chunks(N, C, S, nthreads):
 
 @njit(**_SEQ)
 def _task(t, nc, k, cb, C, S):
-    """Task t of N * nc * k: batch n, channels c0:c1, and (when k > 1) plane piece s0:s1."""
+    """Task t of N * nc * k: batch n, channels c0:c1, and plane piece s0:s1 (the whole
+    plane when k == 1)."""
     n = t // (nc * k)
     j = t - n * nc * k
     c0 = j // k * cb
@@ -729,8 +730,7 @@ def affine_nchw(x, center, scale, shift, y, nthreads):
         n, c0, c1, s0, s1 = _task(t, nc, k, cb, C, S)
         if stream:
             for c in range(c0, c1):
-                _stream_plane_affine(x[n, c], y[n, c], center, scale, shift, c,
-                                     s0 if k > 1 else 0, s1 if k > 1 else S)
+                _stream_plane_affine(x[n, c], y[n, c], center, scale, shift, c, s0, s1)
         # Whole rows or 1-D runs only: Numba types x[n, c0:c1, s0:s1] as non-contiguous,
         # and LLVM then does not vectorise.
         elif k == 1:
@@ -797,8 +797,7 @@ def dx_nchw(dy, x, mean, a, b, d, dx, nthreads):
         n, c0, c1, s0, s1 = _task(t, nc, k, cb, C, S)
         if stream:
             for c in range(c0, c1):
-                _stream_plane_dx(dy[n, c], x[n, c], dx[n, c], a, b, mean, d, c,
-                                 s0 if k > 1 else 0, s1 if k > 1 else S)
+                _stream_plane_dx(dy[n, c], x[n, c], dx[n, c], a, b, mean, d, c, s0, s1)
         elif k == 1:
             _dx_planes(dy[n, c0:c1], x[n, c0:c1], mean[c0:c1], a[c0:c1], b[c0:c1], d[c0:c1],
                        dx[n, c0:c1])
