@@ -158,7 +158,12 @@ def _prepared(x, axis, *others, out=None):
     """
     K, nt = _backend.kernels(x.size)
     kind, xv = _prepare(x, axis)
-    views = [_input(a, axis, kind) for a in others] if others else ()
+    views = ()
+    if others:
+        # dy laid out as x (the common case) has the view x has, without _input's steps.
+        same = x.flags.c_contiguous
+        views = [a.reshape(xv.shape) if same and a.flags.c_contiguous else _input(a, axis, kind)
+                 for a in others]
     k = 1
     if kind == "rc" and xv.shape[1] < NARROW and x.size >= WIDEN_FROM:
         arrays = [xv, *views] + ([] if out is None else [_view(out, axis, kind)])

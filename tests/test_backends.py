@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -161,6 +162,31 @@ def test_set_num_threads_sets_the_openmp_threads():
     finally:
         bnf.set_num_threads(before)
     assert _cython.get_num_threads() == before
+
+
+@pytest.mark.skipif(_backend.max_threads() < 2, reason="needs 2 cores")
+@pytest.mark.parametrize("name", [b for b in bnf.available_backends() if b != "numpy"])
+def test_each_python_thread_runs_kernels_with_bn_fast_thread_count(name):
+    """The compiled backends' thread counts are per Python thread: a thread whose own
+    setting is 1 still gets bn_fast's count on its first call."""
+    previous = bnf.get_backend()
+    bnf.set_backend(name)
+    module = _backend._current[1]
+    x = np.ones((8, 4, 64, 64), np.float32)  # above SERIAL_BELOW: the parallel kernels
+    seen = []
+
+    def work():
+        module.set_num_threads(1)
+        bnf.batch_norm_train(x)
+        seen.append(module.get_num_threads())
+
+    thread = threading.Thread(target=work)
+    try:
+        thread.start()
+        thread.join()
+    finally:
+        bnf.set_backend(previous)
+    assert seen == [bnf.get_num_threads()] and seen[0] > 1
 
 
 @needs_cython
