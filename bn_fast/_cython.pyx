@@ -41,7 +41,8 @@ cdef extern from *:
 
 # Streaming (non-temporal) stores for outputs of STREAM_BYTES or more, as in _numba.py
 # (_streamed there says why): each function writes n elements, a multiple of one
-# 32-byte vector, to a 32-byte aligned y, and ends with a fence.  x86 with AVX only;
+# 32-byte vector, to a 32-byte aligned y; the kernels fence once per part of their work
+# (bn_sfence; _parts in _numba.py says why).  x86 with AVX only;
 # elsewhere BN_STREAM is 0 and the kernels store as usual.
 cdef extern from *:
     """
@@ -57,7 +58,6 @@ cdef extern from *:
                                              T m, T a, T b) {                              \
         for (Py_ssize_t i = 0; i < n; i += 32 / sizeof(T))                                \
             STORE(y + i, (BN_LOAD(V, x + i) - m) * a + b);                                 \
-        _mm_sfence();                                                                      \
     }                                                                                      \
     static inline void bn_affine_stream_cols_##SUF(const T* x, T* y, Py_ssize_t n,         \
                                                   const T* m, const T* a, const T* b) {    \
@@ -69,7 +69,6 @@ cdef extern from *:
                                          T m, T a, T b, T d) {                             \
         for (Py_ssize_t i = 0; i < n; i += 32 / sizeof(T))                                \
             STORE(o + i, BN_LOAD(V, g + i) * a + (BN_LOAD(V, x + i) - m) * b + d);         \
-        _mm_sfence();                                                                      \
     }                                                                                      \
     static inline void bn_dx_stream_cols_##SUF(const T* g, const T* x, T* o, Py_ssize_t n, \
                                               const T* m, const T* a, const T* b,          \
@@ -190,6 +189,12 @@ cdef inline Py_ssize_t _channel_chunk(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
 
 ctypedef struct Task:  # batch n, channels c0:c1 and plane piece lo:hi of an element-wise task
     Py_ssize_t n, c0, c1, lo, hi
+
+
+cdef inline Py_ssize_t _parts(Py_ssize_t tasks, bint stream, int nthreads) noexcept nogil:
+    """As in _numba.py: 8 parts per thread when streaming, each fenced once; else one
+    task each."""
+    return min(tasks, 8 * nthreads) if stream else tasks
 
 
 cdef inline Task _task(Py_ssize_t t, Py_ssize_t nc, Py_ssize_t k, Py_ssize_t cb, Py_ssize_t C,
@@ -616,20 +621,25 @@ def affine_nchw(const floating[:, :, :] x, const floating[::1] center,
     cdef floating* o
     cdef bint stream = (s2 == sizeof(floating) and o2 == sizeof(floating)
                         and _streams_planes(N * C * S * sizeof(floating), S, sizeof(floating)))
+    cdef Py_ssize_t tasks = N * nc * k
+    cdef Py_ssize_t p, parts = _parts(tasks, stream, nthreads)
     with nogil:
-        for t in prange(N * nc * k, num_threads=nthreads, schedule="static"):
-            tk = _task(t, nc, k, cb, C, S)
-            n, lo, hi = tk.n, tk.lo, tk.hi
-            for c in range(tk.c0, tk.c1):
-                v = _in(x0, n * s0 + c * s1 + lo * s2)
-                o = _out(y0, n * o0 + c * o1 + lo * o2)
-                if stream:
-                    _affine_stream(v, o, hi - lo, center[c], scale[c], shift[c])
-                elif s2 == sizeof(floating) and o2 == sizeof(floating):
-                    _affine_run(v, sizeof(floating), o, sizeof(floating), hi - lo,
-                                center[c], scale[c], shift[c])
-                else:
-                    _affine_run(v, s2, o, o2, hi - lo, center[c], scale[c], shift[c])
+        for p in prange(parts, num_threads=nthreads, schedule="static"):
+            for t in range(p * tasks // parts, (p + 1) * tasks // parts):
+                tk = _task(t, nc, k, cb, C, S)
+                n, lo, hi = tk.n, tk.lo, tk.hi
+                for c in range(tk.c0, tk.c1):
+                    v = _in(x0, n * s0 + c * s1 + lo * s2)
+                    o = _out(y0, n * o0 + c * o1 + lo * o2)
+                    if stream:
+                        _affine_stream(v, o, hi - lo, center[c], scale[c], shift[c])
+                    elif s2 == sizeof(floating) and o2 == sizeof(floating):
+                        _affine_run(v, sizeof(floating), o, sizeof(floating), hi - lo,
+                                    center[c], scale[c], shift[c])
+                    else:
+                        _affine_run(v, s2, o, o2, hi - lo, center[c], scale[c], shift[c])
+            if stream:
+                bn_sfence()
 
 
 def affine_nhwc(const floating[:, :] x, const floating[::1] center, const floating[::1] scale,
@@ -747,21 +757,26 @@ def dx_nchw(const floating[:, :, :] dy, const floating[:, :, :] x, const floatin
     cdef bint unit = g2 == sizeof(floating) and s2 == sizeof(floating) and o2 == sizeof(floating)
     cdef bint stream = unit and _streams_planes(N * C * S * sizeof(floating), S,
                                                 sizeof(floating))
+    cdef Py_ssize_t tasks = N * nc * k
+    cdef Py_ssize_t p, parts = _parts(tasks, stream, nthreads)
     with nogil:
-        for t in prange(N * nc * k, num_threads=nthreads, schedule="static"):
-            tk = _task(t, nc, k, cb, C, S)
-            n, lo, hi = tk.n, tk.lo, tk.hi
-            for c in range(tk.c0, tk.c1):
-                g = _in(d0, n * g0 + c * g1 + lo * g2)
-                v = _in(x0, n * s0 + c * s1 + lo * s2)
-                o = _out(y0, n * o0 + c * o1 + lo * o2)
-                if stream:
-                    _dx_stream(g, v, o, hi - lo, mean[c], a[c], b[c], d[c])
-                elif unit:
-                    _dx_run(g, sizeof(floating), v, sizeof(floating), o, sizeof(floating),
-                            hi - lo, mean[c], a[c], b[c], d[c])
-                else:
-                    _dx_run(g, g2, v, s2, o, o2, hi - lo, mean[c], a[c], b[c], d[c])
+        for p in prange(parts, num_threads=nthreads, schedule="static"):
+            for t in range(p * tasks // parts, (p + 1) * tasks // parts):
+                tk = _task(t, nc, k, cb, C, S)
+                n, lo, hi = tk.n, tk.lo, tk.hi
+                for c in range(tk.c0, tk.c1):
+                    g = _in(d0, n * g0 + c * g1 + lo * g2)
+                    v = _in(x0, n * s0 + c * s1 + lo * s2)
+                    o = _out(y0, n * o0 + c * o1 + lo * o2)
+                    if stream:
+                        _dx_stream(g, v, o, hi - lo, mean[c], a[c], b[c], d[c])
+                    elif unit:
+                        _dx_run(g, sizeof(floating), v, sizeof(floating), o, sizeof(floating),
+                                hi - lo, mean[c], a[c], b[c], d[c])
+                    else:
+                        _dx_run(g, g2, v, s2, o, o2, hi - lo, mean[c], a[c], b[c], d[c])
+            if stream:
+                bn_sfence()
 
 
 def dx_nhwc(const floating[:, :] dy, const floating[:, :] x, const floating[::1] mean,
