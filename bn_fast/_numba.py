@@ -402,6 +402,37 @@ def _planes_dsums(gb, vb, mean, p1, p2):
 
 
 @njit(**_SEQ)
+def _planes_dsums4(gb, vb, mean, p1, p2):
+    """_planes_dsums four rows at a time, for long rows out of cache: eight streams from
+    memory in flight instead of two made the sums of 100 MB 1.13-1.37x faster (memory
+    serves more requests at once than two streams ask for).  In cache it gained
+    nothing.  Each row's sums are formed as in _planes_dsums."""
+    nc = vb.shape[0]
+    c4 = nc - nc % 4
+    for c in range(0, c4, 4):
+        m0, m1, m2, m3 = mean[c], mean[c + 1], mean[c + 2], mean[c + 3]
+        a1 = a2 = b1 = b2 = d1 = d2 = e1 = e2 = 0.0
+        for s in range(vb.shape[1]):
+            a1 += gb[c, s]
+            a2 += gb[c, s] * (vb[c, s] - m0)
+            b1 += gb[c + 1, s]
+            b2 += gb[c + 1, s] * (vb[c + 1, s] - m1)
+            d1 += gb[c + 2, s]
+            d2 += gb[c + 2, s] * (vb[c + 2, s] - m2)
+            e1 += gb[c + 3, s]
+            e2 += gb[c + 3, s] * (vb[c + 3, s] - m3)
+        p1[c] += a1
+        p2[c] += a2
+        p1[c + 1] += b1
+        p2[c + 1] += b2
+        p1[c + 2] += d1
+        p2[c + 2] += d2
+        p1[c + 3] += e1
+        p2[c + 3] += e2
+    _planes_dsums(gb[c4:], vb[c4:], mean[c4:], p1[c4:], p2[c4:])
+
+
+@njit(**_SEQ)
 def _block_dsums(gb, vb, mean, p1, p2):
     # Private accumulators: rows p1[k] of neighbouring threads can share a cache line,
     # and updating them once per row made two threads slower than one (false sharing).
@@ -772,8 +803,8 @@ def affine_nhwc(x, center, scale, shift, y, nthreads):
 def dsum_nchw(dy, x, mean, sdy, sdyx, nthreads):
     """Per-channel sum(dy) and sum(dy * (x - mean)) of (N, C, S) views, into float64."""
     N, C, S = x.shape
-    cb = max(1, min(C, BLOCK // max(S, 1)))
-    nt = _plane_split(x, nthreads)[0]  # one pass: nothing to prefetch for
+    nt, far = _plane_split(x, nthreads)
+    cb = max(4 if far else 1, min(C, BLOCK // max(S, 1)))  # see _planes_dsums4
     p1 = np.zeros((nt, C))
     p2 = np.zeros((nt, C))
     for k in prange(nt):
@@ -781,7 +812,12 @@ def dsum_nchw(dy, x, mean, sdy, sdyx, nthreads):
         p = q0
         while p < q1:
             n, c0, c1 = _planes(p, q1, C, cb)
-            _planes_dsums(dy[n, c0:c1], x[n, c0:c1], mean[c0:c1], p1[k, c0:c1], p2[k, c0:c1])
+            if far:
+                _planes_dsums4(dy[n, c0:c1], x[n, c0:c1], mean[c0:c1], p1[k, c0:c1],
+                               p2[k, c0:c1])
+            else:
+                _planes_dsums(dy[n, c0:c1], x[n, c0:c1], mean[c0:c1], p1[k, c0:c1],
+                              p2[k, c0:c1])
             p += c1 - c0
     _reduce_sums(p1, sdy)
     _reduce_sums(p2, sdyx)
