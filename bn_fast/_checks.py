@@ -57,20 +57,17 @@ def check_float_array(name, a):
 
 def check_x(x, layout, name="x"):
     """Check the input tensor; return it with its channel axis and channel count."""
-    if (type(x) is np.ndarray and (x.dtype is FLOATS[0] or x.dtype is FLOATS[1])
-            and 2 <= x.ndim <= 5 and type(layout) is str):
-        # The common case in fewer steps: right after a kernel has streamed megabytes
-        # through the cache, every step of Python costs several times its usual time.
-        if layout == "NCHW":
-            return x, 1, x.shape[1]
-        if layout == "NHWC":
-            return x, x.ndim - 1, x.shape[-1]
-    x = check_float_array(name, x)
-    if not 2 <= x.ndim <= 5:
-        raise ValueError(
-            f"{name} has shape {x.shape} (rank {x.ndim}), expected rank 2 to 5: "
-            f"(N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W) for layout 'NCHW', "
-            f"channels last for 'NHWC'")
+    # A native float32/float64 ndarray of a supported rank skips check_float_array's
+    # steps: right after a kernel has streamed megabytes through the cache, every step
+    # of Python costs several times its usual time.
+    if not (type(x) is np.ndarray and (x.dtype is FLOATS[0] or x.dtype is FLOATS[1])
+            and 2 <= x.ndim <= 5):
+        x = check_float_array(name, x)
+        if not 2 <= x.ndim <= 5:
+            raise ValueError(
+                f"{name} has shape {x.shape} (rank {x.ndim}), expected rank 2 to 5: "
+                f"(N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W) for layout 'NCHW', "
+                f"channels last for 'NHWC'")
     axis = 1 if check_layout(layout) == "NCHW" else x.ndim - 1
     return x, axis, x.shape[axis]
 
