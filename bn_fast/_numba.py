@@ -75,10 +75,19 @@ def _kernel(fn):
     return kernel
 
 
+def _fused_channels(C, S, nthreads):
+    """Channels per task of train_nchw / backward_nchw: at least 4 tasks per thread, at
+    most about BLOCK elements per batch entry."""
+    return max(1, min(C // (4 * nthreads), BLOCK // max(S, 1)))
+
+
+_fused_block = njit(**_SEQ)(_fused_channels)  # the kernels' copy; fused_run's is plain
+
+
 def fused_run(C, S, nthreads):
     """Elements in one contiguous run of a task of train_nchw / backward_nchw (a block of
     channels of one batch entry), for _api._fused."""
-    return max(1, min(C // (4 * nthreads), BLOCK // max(S, 1))) * S
+    return _fused_channels(C, S, nthreads) * S
 
 
 def max_threads():
@@ -888,7 +897,7 @@ def train_nchw(x, gamma, beta, eps, mean, var, y, nthreads):
     gamma, beta: (C,) or zero-length for 1 and 0; mean, var (biased): float64 outputs.
     """
     N, C, S = x.shape
-    cb = max(1, min(C // (4 * nthreads), BLOCK // max(S, 1)))  # as stats_nchw: same sums
+    cb = _fused_block(C, S, nthreads)
     nc = (C + cb - 1) // cb
     for t in prange(nc):
         _train_block(x, t * cb, min(C, t * cb + cb), gamma, beta, eps, mean, var, y)
@@ -903,7 +912,7 @@ def backward_nchw(dy, x, center, mean, invstd, gamma, sdy, sdyx, dgamma, dbeta, 
     dtype, zero-length when there is no gamma.
     """
     N, C, S = x.shape
-    cb = max(1, min(C // (4 * nthreads), BLOCK // max(S, 1)))
+    cb = _fused_block(C, S, nthreads)
     nc = (C + cb - 1) // cb
     for t in prange(nc):
         _backward_block(dy, x, t * cb, min(C, t * cb + cb), center, mean, invstd, gamma,
