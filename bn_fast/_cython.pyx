@@ -551,6 +551,12 @@ cdef inline void _dx_stream(const floating* g, const floating* v, floating* o, P
     _dx_run(g + h + body, f, v + h + body, f, o + h + body, f, n - h - body, m, a, b, d)
 
 
+cdef inline bint _far_planes(Py_ssize_t size, Py_ssize_t S, Py_ssize_t itemsize) noexcept nogil:
+    """As far in _plane_split of _numba.py: size elements are too many to be in cache,
+    and planes of S are long enough to prefetch, or to read four at a time."""
+    return size * itemsize >= FAR_BYTES and S * itemsize >= 4096
+
+
 cdef inline bint _streams_planes(Py_ssize_t nbytes, Py_ssize_t S, Py_ssize_t size) noexcept nogil:
     """As in _numba.py: an output of nbytes streams when large, with planes of 4 KiB or
     more (the caller checks that the runs are contiguous)."""
@@ -577,8 +583,7 @@ def stats_nchw(const floating[:, :, :] x, double[::1] mean, double[::1] var, int
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2]
     cdef Py_ssize_t s0 = x.strides[0], s1 = x.strides[1], s2 = x.strides[2]
     cdef Py_ssize_t nt = max(1, min(nthreads, N * C))
-    cdef bint far = (N * C * S * sizeof(floating) >= FAR_BYTES and S * sizeof(floating) >= 4096
-                     and s2 == sizeof(floating))
+    cdef bint far = s2 == sizeof(floating) and _far_planes(N * C * S, S, sizeof(floating))
     cdef double[:, ::1] pn = np.zeros((nt, C)), pm = np.zeros((nt, C)), pq = np.zeros((nt, C))
     cdef const floating* x0 = &x[0, 0, 0]
     cdef Py_ssize_t k, p, p1, c, n
@@ -727,9 +732,7 @@ def dsum_nchw(const floating[:, :, :] dy, const floating[:, :, :] x, const float
     cdef const floating* g
     cdef const floating* v
     cdef bint unit = g2 == sizeof(floating) and s2 == sizeof(floating)
-    # Four planes at once when far, as _plane_split in _numba.py decides.
-    cdef bint four = (unit and N * C * S * sizeof(floating) >= FAR_BYTES
-                      and S * sizeof(floating) >= 4096)
+    cdef bint four = unit and _far_planes(N * C * S, S, sizeof(floating))  # _dsums_run4
     with nogil:
         for k in prange(nt, num_threads=nthreads, schedule="static"):
             p = k * N * C // nt
