@@ -413,7 +413,7 @@ def _planes_dsums(gb, vb, mean, p1, p2):
 @njit(**_SEQ)
 def _planes_dsums4(gb, vb, mean, p1, p2):
     """_planes_dsums four rows at a time, for long rows out of cache: eight streams from
-    memory in flight instead of two made the sums of 100 MB 1.13-1.37x faster (memory
+    memory in flight instead of two made the sums of 100 MB 1.26-1.41x faster (memory
     serves more requests at once than two streams ask for).  In cache it gained
     nothing.  Each row's sums are formed as in _planes_dsums."""
     nc = vb.shape[0]
