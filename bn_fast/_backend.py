@@ -33,11 +33,16 @@ _forked = False  # True in a child created by fork(): run on one thread
 _serialised = None  # what kernels() hands out for Numba: the module, or it behind the lock
 _launch_lock = threading.Lock()
 _agreed = threading.local()  # .key: (module, threads) this Python thread's backend was set to
+# What kernels() works with: (module, the module to call, threads, (module, threads)).
+# Worked out on first use after anything it depends on changed (the backend, the thread
+# count, the backends loaded, a fork); working it out on every call cost 3.5-5 us, cold.
+_plan = None
 
 
 def _after_fork_in_child():
-    global _forked, _launch_lock
+    global _forked, _launch_lock, _plan
     _forked = True
+    _plan = None
     _launch_lock = threading.Lock()  # a thread of the parent may have held it at fork time
 
 
@@ -55,7 +60,9 @@ def _import(name):
     except Exception as exc:  # ImportError, or a broken install raising something else
         _errors[name] = f"{type(exc).__name__}: {exc}"
         raise ImportError(_errors[name]) from exc
+    global _plan
     _loaded[name] = module
+    _plan = None  # max_threads() may change
     if _threads is not None:
         module.set_num_threads(_threads)
     return module
@@ -75,7 +82,8 @@ def available_backends():
 
 def set_backend(name):
     """Use backend ``name`` ("auto", "numba", "cython" or "numpy") for every later call."""
-    global _current
+    global _current, _plan
+    _plan = None
     if name is None or name == "auto":
         for candidate in AUTO_ORDER:
             try:
@@ -115,24 +123,32 @@ SERIAL_BELOW = 32768
 
 def kernels(size):
     """The kernel module in use and the thread count for an input of ``size`` elements."""
-    if _current is None:
-        get_backend()
-    name, module = _current
-    if size < SERIAL_BELOW or _forked:
-        return module, 1
-    nthreads = get_num_threads()
-    if nthreads == 1:
-        return module, 1
+    plan = _plan or _new_plan()
+    if size < SERIAL_BELOW or plan[2] == 1:
+        return plan[0], 1
     # The backend's setting is per Python thread (Numba's, OpenMP's): make each calling
     # thread agree, once per backend and count.  Asking every call cost 9 us of a 60 us
     # inference on 2 MB: numba.get_num_threads takes a process-wide multiprocessing lock.
-    if getattr(_agreed, "key", None) != (module, nthreads):
-        if module.get_num_threads() != nthreads:  # this also starts Numba's thread pool
+    if getattr(_agreed, "key", None) != plan[3]:
+        module, _, nthreads, key = plan
+        if module.get_num_threads() != nthreads:
             module.set_num_threads(nthreads)
-        _agreed.key = (module, nthreads)
-    if name == "numba":
-        return _numba_launcher(module), nthreads
-    return module, nthreads
+        _agreed.key = key
+    return plan[1], plan[2]
+
+
+def _new_plan():
+    global _plan
+    if _current is None:
+        get_backend()
+    name, module = _current
+    nthreads = get_num_threads()
+    calls = module
+    if name == "numba" and nthreads > 1:
+        module.get_num_threads()  # starts Numba's thread pool, whose layer _numba_launcher asks
+        calls = _numba_launcher(module)
+    _plan = (module, calls, nthreads, (module, nthreads))
+    return _plan
 
 
 class _Serialised:
@@ -156,7 +172,7 @@ class _Serialised:
 def _numba_launcher(module):
     """``module``, or ``module`` behind the launch lock when Numba's layer is ``workqueue``.
 
-    The layer is known once Numba's thread pool has started (``kernels`` starts it
+    The layer is known once Numba's thread pool has started (``_new_plan`` starts it
     before asking) and cannot change afterwards.
     """
     global _serialised
@@ -182,7 +198,7 @@ def max_threads():
 
 def set_num_threads(n):
     """Use ``n`` threads (1 to the number of cores) in every compiled backend."""
-    global _threads
+    global _threads, _plan
     limit = max_threads()
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= limit:
         why = ("this process was forked from one that had imported bn_fast, and thread "
@@ -191,6 +207,7 @@ def set_num_threads(n):
                else "the cores available")
         raise ValueError(f"n={n!r} must be an integer from 1 to {limit} ({why})")
     _threads = n
+    _plan = None
     for module in _loaded.values():
         module.set_num_threads(n)
 
