@@ -189,6 +189,24 @@ def test_each_python_thread_runs_kernels_with_bn_fast_thread_count(name):
     assert seen == [bnf.get_num_threads()] and seen[0] > 1
 
 
+@pytest.mark.parametrize("name", [b for b in bnf.available_backends() if b != "numpy"])
+def test_kernels_follow_the_backend_and_thread_count_set_later(name):
+    """_backend.kernels keeps its answer between calls: each set_* must renew it."""
+    previous, threads = bnf.get_backend(), bnf.get_num_threads()
+    try:
+        bnf.set_backend(name)
+        for n in sorted({1, _backend.max_threads()}):
+            bnf.set_num_threads(n)
+            module, nthreads = _backend.kernels(1 << 20)
+            assert nthreads == n
+            assert getattr(module, "_module", module).__name__ == _backend.MODULES[name]
+        bnf.set_backend("numpy")
+        assert _backend.kernels(1 << 20)[0] is _backend._loaded["numpy"]
+    finally:
+        bnf.set_backend(previous)
+        bnf.set_num_threads(threads)
+
+
 @needs_cython
 @pytest.mark.parametrize("n", [0, "too many"])
 def test_bad_thread_counts_change_nothing(n):
