@@ -4,9 +4,10 @@ Every case is one operation (training forward, inference, backward) on one shape
 one layout; ONNX Runtime, an inference engine, is timed on inference only.  Times are
 medians of repeated calls, each allocating its output, after five untimed warm-up calls
 (so neither Numba's compilation nor the first touches of fresh memory, slow for a few
-calls on a virtual machine, are timed).  The fraction of memory bandwidth compares the
-least traffic the operation needs with a plain ``np.copyto`` of a large array measured
-in the same run.
+calls on a virtual machine, are timed).  bn_fast and its peers are timed in turns, in
+ROUNDS rounds, so that a shared machine's slow spells fall on all of them alike (see
+``interleaved_times``).  The fraction of memory bandwidth compares the least traffic
+the operation needs with a plain ``np.copyto`` of a large array measured in the same run.
 """
 
 import importlib.metadata
@@ -59,6 +60,38 @@ def median_time(fn, budget, *, min_reps=3, warmup=True):
         fn()
         times.append(time.perf_counter() - t0)
     return {"median_s": statistics.median(times), "reps": len(times)}
+
+
+# Rounds of interleaved_times.  Each block opens with one untimed call: the first call
+# after another library's turn waits for its threads to stop spinning (here 1.4 ms, then
+# 0.22, for a 0.09 ms bn_fast call right after ONNX Runtime; 0.27 ms after PyTorch).
+ROUNDS = 5
+
+
+def interleaved_times(fns, budget, *, rounds=ROUNDS, min_reps=3):
+    """``median_time`` for each callable of ``fns`` (a dict), timed in turns.
+
+    After the warm-up calls, each of ``rounds`` rounds gives each callable a block of
+    about ``budget / rounds`` seconds (at least one timed call, ``min_reps`` over all),
+    opened by one untimed call.  Timed one after the other, a case's bn_fast and PyTorch
+    figures came from moments seconds apart, and the machine's speed drifts over seconds.
+    """
+    for fn in fns.values():
+        for _ in range(WARMUP_CALLS):
+            fn()
+    times = {name: [] for name in fns}
+    per_block = -(-min_reps // rounds)
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            fn()
+            got = times[name]
+            start, n0 = time.perf_counter(), len(got)
+            while len(got) - n0 < per_block or time.perf_counter() - start < budget / rounds:
+                t0 = time.perf_counter()
+                fn()
+                got.append(time.perf_counter() - t0)
+    return {name: {"median_s": statistics.median(t), "reps": len(t)}
+            for name, t in times.items()}
 
 
 def copy_bandwidth(nthreads, budget):
@@ -208,23 +241,25 @@ def ort_calls(ort, d, threads):
 
 def run_case(d, ops, backend, torch, ort, threads, budget):
     """Time ``ops`` on one input; return one result dict per op."""
-    bnf.set_backend(backend)
-    ours = {op: median_time(f, budget) for op, f in bn_fast_calls(d).items() if op in ops}
     bnf.set_backend("numpy")  # slow on big inputs: no warm-up, as many calls as fit in budget
     ref = {op: median_time(f, budget, min_reps=1, warmup=False)
            for op, f in bn_fast_calls(d).items() if op in ops}
-    bnf.set_backend(backend)
-    theirs = {}
+    bnf.set_backend(backend)  # the calls below run on it: the backend is looked up per call
+    peers = {"bn_fast": bn_fast_calls(d)}
     if torch is not None:
-        theirs = {op: median_time(f, budget) for op, f in torch_calls(torch, d, ops).items()
-                  if op in ops}
-    engine = {}
+        peers["torch"] = torch_calls(torch, d, ops)
     if ort is not None and "infer" in ops:
-        engine = {op: median_time(f, budget) for op, f in ort_calls(ort, d, threads).items()}
-    return [{"op": op, "layout": d.layout, "shape": list(d.shape),
-             "array_shape": list(d.x.shape), "dtype": d.x.dtype.name, "mb": d.x.nbytes / 1e6,
-             "min_bytes": PASSES[op] * d.x.nbytes, "bn_fast": ours[op], "numpy": ref[op],
-             "torch": theirs.get(op), "ort": engine.get(op)} for op in ops]
+        peers["ort"] = ort_calls(ort, d, threads)
+    results = []
+    for op in ops:
+        timed = interleaved_times({name: calls[op] for name, calls in peers.items()
+                                   if op in calls}, budget)
+        results.append({
+            "op": op, "layout": d.layout, "shape": list(d.shape),
+            "array_shape": list(d.x.shape), "dtype": d.x.dtype.name, "mb": d.x.nbytes / 1e6,
+            "min_bytes": PASSES[op] * d.x.nbytes, "bn_fast": timed["bn_fast"],
+            "numpy": ref[op], "torch": timed.get("torch"), "ort": timed.get("ort")})
+    return results
 
 
 def add_ratios(r, bandwidth):
@@ -307,8 +342,9 @@ def footer(results, cfg, torch_note, ort_note):
         "  training 3 and backward 5 passes over x; above 1 means the data stayed in cache.",
         f"Times: medians of calls that allocate their output, about {cfg['budget']} s per case "
         f"after {WARMUP_CALLS}",
-        "  warm-up calls; the NumPy reference is not warmed up and gets the calls that fit "
-        "(n, at least 1).",
+        f"  warm-up calls, bn_fast and its peers in turns ({ROUNDS} rounds); the NumPy "
+        "reference is not warmed",
+        "  up and gets the calls that fit (n, at least 1).",
     ]
     if torch_note:
         lines.append(f"PyTorch columns omitted: torch is not importable ({torch_note}).")

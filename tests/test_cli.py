@@ -246,3 +246,15 @@ def test_median_time_repeats_and_warms_up():
     result = _bench.median_time(lambda: calls.append(1), 0.0, min_reps=3)
     assert result["reps"] == 3 and result["median_s"] >= 0
     assert len(calls) == 3 + _bench.WARMUP_CALLS
+
+
+def test_interleaved_times_take_turns_after_warming_up():
+    log = []
+    fns = {name: (lambda name=name: log.append(name)) for name in ("bn_fast", "torch")}
+    result = _bench.interleaved_times(fns, 0.0, rounds=4, min_reps=3)
+    warm = _bench.WARMUP_CALLS
+    assert log[:2 * warm] == ["bn_fast"] * warm + ["torch"] * warm
+    # each round: one untimed and one timed call of each, in turn
+    assert log[2 * warm:] == ["bn_fast", "bn_fast", "torch", "torch"] * 4
+    assert {name: r["reps"] for name, r in result.items()} == {"bn_fast": 4, "torch": 4}
+    assert all(r["median_s"] >= 0 for r in result.values())
