@@ -19,6 +19,8 @@ slices because a provably non-negative index is what lets LLVM vectorise.
 """
 
 import functools
+import hashlib
+import inspect
 import platform
 import sys
 import types
@@ -62,7 +64,8 @@ def _kernel(fn):
     more than the work.  The serial copy gets its own name so that the two do not
     share an on-disk cache entry.
     """
-    twin = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial")
+    twin = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial",
+                              fn.__defaults__, fn.__closure__)
     twin.__qualname__ = fn.__qualname__ + "_serial"
     parallel = njit(**_PAR)(fn)
     serial = njit(**_SEQ)(twin)
@@ -675,46 +678,6 @@ def _dx_rows(gb, vb, m, a, b, d, ob):
             ob[r, c] = gb[r, c] * a[c] + (vb[r, c] - m[c]) * b[c] + d[c]
 
 
-@njit(**_SEQ)
-def _train_block(x, c0, c1, gamma, beta, eps, mean, var, y):
-    """Statistics of channels c0:c1 over the whole batch, then their normalisation."""
-    k = c1 - c0
-    pn = np.zeros(k)
-    pm = np.zeros(k)
-    pq = np.zeros(k)
-    for n in range(x.shape[0]):
-        _planes_moments(x[n, c0:c1], pn, pm, pq)
-    mean[c0:c1] = pm
-    var[c0:c1] = pq / pn
-    center = np.empty(k, x.dtype)
-    scale = np.empty(k, x.dtype)
-    shift = np.empty(k, x.dtype)
-    affine_coefficients(mean[c0:c1], var[c0:c1], gamma[c0:c1], beta[c0:c1], eps,
-                        center, scale, shift)
-    for n in range(x.shape[0]):
-        _affine_planes(x[n, c0:c1], center, scale, shift, y[n, c0:c1])
-
-
-@njit(**_SEQ)
-def _backward_block(dy, x, c0, c1, center, mean, invstd, gamma, sdy, sdyx, dgamma, dbeta, dx):
-    """Gradient sums of channels c0:c1 over the whole batch, then their dx."""
-    k = c1 - c0
-    p1 = np.zeros(k)
-    p2 = np.zeros(k)
-    for n in range(x.shape[0]):
-        _planes_dsums(dy[n, c0:c1], x[n, c0:c1], center[c0:c1], p1, p2)
-    sdy[c0:c1] = p1
-    sdyx[c0:c1] = p2
-    a = np.empty(k, x.dtype)
-    b = np.empty(k, x.dtype)
-    d = np.empty(k, x.dtype)
-    backward_coefficients(mean[c0:c1], center[c0:c1], invstd[c0:c1], gamma[c0:c1],
-                          float(x.shape[0] * x.shape[2]), sdy[c0:c1], sdyx[c0:c1], a, b, d,
-                          dgamma[c0:c1], dbeta[c0:c1])
-    for n in range(x.shape[0]):
-        _dx_planes(dy[n, c0:c1], x[n, c0:c1], center[c0:c1], a, b, d, dx[n, c0:c1])
-
-
 # ---------------------------------------------------------------- kernels
 
 @_kernel
@@ -888,32 +851,88 @@ def dx_nhwc(dy, x, mean, a, b, d, dx, nthreads):
             _dx_rows(dy[r0:r1], x[r0:r1], mean, a, b, d, dx[r0:r1])
 
 
-@_kernel
-def train_nchw(x, gamma, beta, eps, mean, var, y, nthreads):
-    """stats_nchw and the normalisation in one pass over memory, on (N, C, S) views.
+def _with_algebra(algebra_hash):
+    """The fused channels-first kernels, which compile _algebra's functions into themselves.
 
-    Each task normalises its block of channels right after summing it, while the
-    block is still in cache, so x is read from memory once instead of twice.
-    gamma, beta: (C,) or zero-length for 1 and 0; mean, var (biased): float64 outputs.
+    Numba's on-disk cache takes a function to be out of date only when its own source
+    file changes, so after an edit of _algebra.py alone these would run the old algebra.
+    Each of them reads algebra_hash, the hash of _algebra.py's source: a closure
+    variable, and Numba's cache key holds those.  They call each other as module globals
+    (the names assigned below), so no compiled function is a closure variable.
     """
-    N, C, S = x.shape
-    cb = _fused_block(C, S, nthreads)
-    nc = (C + cb - 1) // cb
-    for t in prange(nc):
-        _train_block(x, t * cb, min(C, t * cb + cb), gamma, beta, eps, mean, var, y)
+    @njit(**_SEQ)
+    def train_block(x, c0, c1, gamma, beta, eps, mean, var, y):
+        """Statistics of channels c0:c1 over the whole batch, then their normalisation."""
+        _ = algebra_hash
+        k = c1 - c0
+        pn = np.zeros(k)
+        pm = np.zeros(k)
+        pq = np.zeros(k)
+        for n in range(x.shape[0]):
+            _planes_moments(x[n, c0:c1], pn, pm, pq)
+        mean[c0:c1] = pm
+        var[c0:c1] = pq / pn
+        center = np.empty(k, x.dtype)
+        scale = np.empty(k, x.dtype)
+        shift = np.empty(k, x.dtype)
+        affine_coefficients(mean[c0:c1], var[c0:c1], gamma[c0:c1], beta[c0:c1], eps,
+                            center, scale, shift)
+        for n in range(x.shape[0]):
+            _affine_planes(x[n, c0:c1], center, scale, shift, y[n, c0:c1])
+
+    @njit(**_SEQ)
+    def backward_block(dy, x, c0, c1, center, mean, invstd, gamma, sdy, sdyx, dgamma, dbeta, dx):
+        """Gradient sums of channels c0:c1 over the whole batch, then their dx."""
+        _ = algebra_hash
+        k = c1 - c0
+        p1 = np.zeros(k)
+        p2 = np.zeros(k)
+        for n in range(x.shape[0]):
+            _planes_dsums(dy[n, c0:c1], x[n, c0:c1], center[c0:c1], p1, p2)
+        sdy[c0:c1] = p1
+        sdyx[c0:c1] = p2
+        a = np.empty(k, x.dtype)
+        b = np.empty(k, x.dtype)
+        d = np.empty(k, x.dtype)
+        backward_coefficients(mean[c0:c1], center[c0:c1], invstd[c0:c1], gamma[c0:c1],
+                              float(x.shape[0] * x.shape[2]), sdy[c0:c1], sdyx[c0:c1], a, b, d,
+                              dgamma[c0:c1], dbeta[c0:c1])
+        for n in range(x.shape[0]):
+            _dx_planes(dy[n, c0:c1], x[n, c0:c1], center[c0:c1], a, b, d, dx[n, c0:c1])
+
+    @_kernel
+    def train_nchw(x, gamma, beta, eps, mean, var, y, nthreads):
+        """stats_nchw and the normalisation in one pass over memory, on (N, C, S) views.
+
+        Each task normalises its block of channels right after summing it, while the
+        block is still in cache, so x is read from memory once instead of twice.
+        gamma, beta: (C,) or zero-length for 1 and 0; mean, var (biased): float64 outputs.
+        """
+        _ = algebra_hash
+        N, C, S = x.shape
+        cb = _fused_block(C, S, nthreads)
+        nc = (C + cb - 1) // cb
+        for t in prange(nc):
+            _train_block(x, t * cb, min(C, t * cb + cb), gamma, beta, eps, mean, var, y)
+
+    @_kernel
+    def backward_nchw(dy, x, center, mean, invstd, gamma, sdy, sdyx, dgamma, dbeta, dx, nthreads):
+        """dsum_nchw, backward_coefficients and dx_nchw in one pass over memory.
+
+        center: the mean rounded to x's dtype; mean, invstd, gamma (zero-length for 1):
+        (C,); sdy, sdyx (about the mean): float64 outputs; dgamma, dbeta: outputs in x's
+        dtype, zero-length when there is no gamma.
+        """
+        _ = algebra_hash
+        N, C, S = x.shape
+        cb = _fused_block(C, S, nthreads)
+        nc = (C + cb - 1) // cb
+        for t in prange(nc):
+            _backward_block(dy, x, t * cb, min(C, t * cb + cb), center, mean, invstd, gamma,
+                            sdy, sdyx, dgamma, dbeta, dx)
+
+    return train_block, backward_block, train_nchw, backward_nchw
 
 
-@_kernel
-def backward_nchw(dy, x, center, mean, invstd, gamma, sdy, sdyx, dgamma, dbeta, dx, nthreads):
-    """dsum_nchw, backward_coefficients and dx_nchw in one pass over memory.
-
-    center: the mean rounded to x's dtype; mean, invstd, gamma (zero-length for 1):
-    (C,); sdy, sdyx (about the mean): float64 outputs; dgamma, dbeta: outputs in x's
-    dtype, zero-length when there is no gamma.
-    """
-    N, C, S = x.shape
-    cb = _fused_block(C, S, nthreads)
-    nc = (C + cb - 1) // cb
-    for t in prange(nc):
-        _backward_block(dy, x, t * cb, min(C, t * cb + cb), center, mean, invstd, gamma,
-                        sdy, sdyx, dgamma, dbeta, dx)
+_train_block, _backward_block, train_nchw, backward_nchw = _with_algebra(
+    hashlib.sha256(inspect.getsource(_algebra).encode()).hexdigest())

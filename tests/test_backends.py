@@ -288,3 +288,43 @@ def test_build_without_a_c_compiler_warns_and_succeeds(tmp_path):
     # A failed build elsewhere must leave the source tree's extension (an editable
     # install's) alone: only a failed editable build removes it.
     assert all(p.exists() for p in installed)
+
+
+# ---------------------------------------------------------------- Numba's on-disk cache
+
+FUSED_CACHE = """
+import numpy as np
+import bn_fast as bnf
+from bn_fast import _api, _backend, _numba
+x = np.random.default_rng(0).standard_normal((2, 8, 32, 32), dtype=np.float32)
+K, nt, kind, xv, _, k = _api._prepared(x, 1)
+assert nt == 1 and _api._fused(K, kind, xv, nt)  # the serial fused kernel serves
+bnf.batch_norm_train(x)
+stats = _numba.train_nchw.serial.stats
+print("hits", sum(stats.cache_hits.values()), "misses", sum(stats.cache_misses.values()))
+"""
+
+
+@pytest.mark.skipif("numba" not in bnf.available_backends(), reason="needs Numba")
+def test_an_edit_of_the_algebra_alone_recompiles_the_fused_kernels(tmp_path):
+    """Numba checks a cached function against its own file only; the fused kernels
+    compile _algebra's functions into themselves, and must not outlive an edit of it."""
+    package = tmp_path / "bn_fast"
+    package.mkdir()
+    for source in Path(bnf.__file__).parent.glob("*.py"):  # no extension: Numba serves
+        (package / source.name).write_text(source.read_text())
+
+    def run():
+        env = dict(os.environ, PYTHONPATH=str(tmp_path), NUMBA_NUM_THREADS="1",
+                   NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+        env.pop("BN_FAST_BACKEND", None)
+        r = subprocess.run([sys.executable, "-c", FUSED_CACHE], env=env, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.split()[-3:]
+
+    assert run() == ["0", "misses", "1"]  # compiled
+    assert run() == ["1", "misses", "0"]  # from the cache
+    with open(package / "_algebra.py", "a") as f:
+        f.write("# an edit\n")
+    assert run() == ["0", "misses", "1"]  # compiled again
