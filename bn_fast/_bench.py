@@ -75,7 +75,7 @@ def interleaved_times(fns, budget, *, rounds=ROUNDS, min_reps=3):
     about ``budget / rounds`` seconds (at least one timed call, ``min_reps`` over all),
     opened by one untimed call.  Timed one after the other, a case's bn_fast and PyTorch
     figures came from moments seconds apart, and a shared machine's speed changes over
-    time (its copy bandwidth moved by 5% between runs of one session).
+    time (its copy bandwidth moved by up to 9% between runs of one session).
     """
     for fn in fns.values():
         for _ in range(WARMUP_CALLS):
