@@ -33,7 +33,8 @@ _forked = False  # True in a child created by fork(): run on one thread
 _serialised = None  # what kernels() hands out for Numba: the module, or it behind the lock
 _launch_lock = threading.Lock()
 _agreed = threading.local()  # .key: (module, threads) this Python thread's backend was set to
-# What kernels() works with: (module, the module to call, threads, (module, threads)).
+# What kernels() works with: (module, the module to call, threads, key), key being
+# (module, threads), kept rather than built on every call.
 # Worked out on first use after anything it depends on changed (the backend, the thread
 # count, the backends loaded, a fork); working it out on every call cost 3.5-5 us, cold.
 _plan = None
@@ -51,6 +52,7 @@ if hasattr(os, "register_at_fork"):  # POSIX; Windows has no fork
 
 
 def _import(name):
+    global _plan
     if name in _loaded:
         return _loaded[name]
     if name in _errors:
@@ -60,7 +62,6 @@ def _import(name):
     except Exception as exc:  # ImportError, or a broken install raising something else
         _errors[name] = f"{type(exc).__name__}: {exc}"
         raise ImportError(_errors[name]) from exc
-    global _plan
     _loaded[name] = module
     _plan = None  # max_threads() may change
     if _threads is not None:
@@ -123,18 +124,17 @@ SERIAL_BELOW = 32768
 
 def kernels(size):
     """The kernel module in use and the thread count for an input of ``size`` elements."""
-    plan = _plan or _new_plan()
-    if size < SERIAL_BELOW or plan[2] == 1:
-        return plan[0], 1
+    module, calls, nthreads, key = _plan or _new_plan()
+    if size < SERIAL_BELOW or nthreads == 1:
+        return module, 1
     # The backend's setting is per Python thread (Numba's, OpenMP's): make each calling
     # thread agree, once per backend and count.  Asking every call cost 9 us of a 60 us
     # inference on 2 MB: numba.get_num_threads takes a process-wide multiprocessing lock.
-    if getattr(_agreed, "key", None) != plan[3]:
-        module, _, nthreads, key = plan
+    if getattr(_agreed, "key", None) != key:
         if module.get_num_threads() != nthreads:
             module.set_num_threads(nthreads)
         _agreed.key = key
-    return plan[1], plan[2]
+    return calls, nthreads
 
 
 def _new_plan():
