@@ -663,8 +663,9 @@ def affine_nchw(const floating[:, :, :] x, const floating[::1] center,
     cdef Task tk
     cdef const floating* v
     cdef floating* o
-    cdef bint stream = (s2 == sizeof(floating) and o2 == sizeof(floating)
-                        and _streams_planes(N * C * S * sizeof(floating), S, sizeof(floating)))
+    cdef bint unit = s2 == sizeof(floating) and o2 == sizeof(floating)
+    cdef bint stream = unit and _streams_planes(N * C * S * sizeof(floating), S,
+                                                sizeof(floating))
     cdef Py_ssize_t tasks = N * nc * k
     cdef Py_ssize_t p, parts = _parts(tasks, stream, nthreads)
     with nogil:
@@ -677,7 +678,7 @@ def affine_nchw(const floating[:, :, :] x, const floating[::1] center,
                     o = _out(y0, n * o0 + c * o1 + lo * o2)
                     if stream:
                         _affine_stream(v, o, hi - lo, center[c], scale[c], shift[c])
-                    elif s2 == sizeof(floating) and o2 == sizeof(floating):
+                    elif unit:
                         _affine_run(v, sizeof(floating), o, sizeof(floating), hi - lo,
                                     center[c], scale[c], shift[c])
                     else:
