@@ -121,23 +121,32 @@ def _prepare(x, axis):
     return kind, _input(x, axis, kind)
 
 
-def _fused(K, kind, xv, nt):
-    """Whether channels-first training and backward run K's one-pass kernels.
+# Inputs (x, and dy for backward) up to this many bytes in all take the fused kernels.
+FUSED_BYTES = 1 << 23
+
+
+def _fused(K, kind, xv, nt, inputs=1):
+    """Whether channels-first training (1 input) and backward (2) run K's one-pass kernels.
 
     Otherwise they make two passes (statistics or sums, then the element-wise kernel).
     The fused kernels read one block of channels after another, each task cb channels
-    of every batch entry.  That pays while the input is in cache: fused training on
-    32x2048x7x7 took 0.87x the time of the two passes, on 32x128x28x28 0.8x.  Out of
-    cache the two passes are faster, because their reductions read memory in order
-    (fused training on 32x256x56x56 took 1.2x their time, on 128x3x224x224 1.5x).  The
-    fused kernels also leave threads idle below 4 channels per thread, and tasks of
-    short runs far apart (K.fused_run under 1024 elements, as with 64 channels of 8x8)
-    were slower.  The NumPy backend has no fused kernels.
+    of every batch entry, in runs of a few KB far apart.  That pays only while the
+    inputs are in cache.  On an AMD EPYC (Zen 5, 1 MB of L2 per core, 32 MB of L3),
+    against the two passes, whose reductions read memory in order: on 2.1-4.2 MB per
+    input, fused training took 0.82-1.02x their time and backward 0.87-1.08x; on 6.4 MB,
+    0.87-1.14x and 1.09-1.35x; on 12.8 MB, 1.05-1.84x and 1.24-2.07x.  Smaller blocks,
+    or prefetching the next batch entry's run, did not help.  (On an earlier Intel
+    machine, with 2 MB of L2, fused training on 32x2048x7x7 had taken 0.87x the two
+    passes' time.)  The fused kernels also leave
+    threads idle below 4 channels per thread, and tasks of short runs far apart
+    (K.fused_run under 1024 elements, as with 64 channels of 8x8) were slower.  The
+    NumPy backend has no fused kernels.
     """
     if kind != "ncs" or not hasattr(K, "train_nchw"):
         return False
     N, C, S = xv.shape
-    return C >= 4 * nt and xv.nbytes < K.FAR_BYTES and K.fused_run(C, S, nt) >= 1024
+    return (C >= 4 * nt and inputs * xv.nbytes <= FUSED_BYTES
+            and K.fused_run(C, S, nt) >= 1024)
 
 
 # Channels-last rows of a few channels are too short for the kernels' inner loops to
@@ -404,7 +413,7 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, training=True, layou
     sdyx = np.zeros(C)
     ng = 0 if gamma is None else C
     dgamma, dbeta = np.empty(ng, x.dtype), np.empty(ng, x.dtype)
-    if training and x.size and _fused(K, kind, xv, nt):
+    if training and x.size and _fused(K, kind, xv, nt, inputs=2):
         y, yv, pending = _output(x, axis, kind, out, xv.shape)
         K.backward_nchw(dyv, xv, center, mean, invstd, _param(gamma), sdy, sdyx, dgamma, dbeta,
                         yv, nt)
