@@ -137,10 +137,9 @@ def _fused(K, kind, xv, nt, inputs=1):
     0.87-1.14x and 1.09-1.35x; on 12.8 MB, 1.05-1.84x and 1.24-2.07x.  Smaller blocks,
     or prefetching the next batch entry's run, did not help.  (On an earlier Intel
     machine, with 2 MB of L2, fused training on 32x2048x7x7 had taken 0.87x the two
-    passes' time.)  The fused kernels also leave
-    threads idle below 4 channels per thread, and tasks of short runs far apart
-    (K.fused_run under 1024 elements, as with 64 channels of 8x8) were slower.  The
-    NumPy backend has no fused kernels.
+    passes' time.)  The fused kernels also leave threads idle below 4 channels per
+    thread, and tasks of short runs far apart (K.fused_run under 1024 elements, as with
+    64 channels of 8x8) were slower.  The NumPy backend has no fused kernels.
     """
     if kind != "ncs" or not hasattr(K, "train_nchw"):
         return False
