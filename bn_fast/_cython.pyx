@@ -33,6 +33,9 @@ fastmath, but not to assume away NaN).
 cimport openmp
 from cython.parallel cimport prange
 from libc.math cimport NAN, sqrt
+from libc.stdint cimport uintptr_t
+from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy
 
 
 cdef extern from *:
@@ -687,6 +690,27 @@ def affine_nchw(const floating[:, :, :] x, const floating[::1] center,
                 bn_sfence()
 
 
+cdef inline Py_ssize_t _line_elems(Py_ssize_t C, size_t itemsize) noexcept nogil:
+    """Elements in C of them rounded up to whole 64-byte lines."""
+    return (C * itemsize + 63) // 64 * 64 // itemsize
+
+
+cdef void* _on_lines(Py_ssize_t C, const floating** v, int n) noexcept nogil:
+    """Copy the n per-channel vectors v[k] into one block, each on a 64-byte boundary,
+    and point v[k] at its copy; return the memory to free, or NULL, leaving v as it
+    was, if there is none.  As _numba._aligned says, channels-last kernels load each
+    per-channel vector once per row, and NumPy aligns small arrays to 16 bytes."""
+    cdef Py_ssize_t w = _line_elems(C, sizeof(floating))
+    cdef void* raw = malloc(n * w * sizeof(floating) + 63)
+    cdef floating* block = <floating*> ((<uintptr_t> raw + 63) & ~(<uintptr_t> 63))
+    cdef int k
+    if raw != NULL:
+        for k in range(n):
+            memcpy(block + k * w, v[k], C * sizeof(floating))
+            v[k] = block + k * w
+    return raw
+
+
 def affine_nhwc(const floating[:, :] x, const floating[::1] center, const floating[::1] scale,
                 const floating[::1] shift, floating[:, :] y, int nthreads):
     """y = (x - center[c]) * scale[c] + shift[c] on (R, C) views; y may be x."""
@@ -695,9 +719,12 @@ def affine_nhwc(const floating[:, :] x, const floating[::1] center, const floati
     cdef Py_ssize_t k = max(1, min(R, 8 * nthreads))
     cdef const floating* x0 = &x[0, 0]
     cdef floating* y0 = &y[0, 0]
-    cdef const floating* m = &center[0]
-    cdef const floating* a = &scale[0]
-    cdef const floating* b = &shift[0]
+    cdef const floating* v[3]
+    v[0], v[1], v[2] = &center[0], &scale[0], &shift[0]
+    cdef void* block = _on_lines(C, v, 3)
+    cdef const floating* m = v[0]
+    cdef const floating* a = v[1]
+    cdef const floating* b = v[2]
     cdef bint unit = s1 == sizeof(floating) and o1 == sizeof(floating)
     cdef bint stream = unit and _streams_rows(R, C, y0, o0, o1, sizeof(floating))
     cdef Py_ssize_t j, r
@@ -716,6 +743,7 @@ def affine_nhwc(const floating[:, :] x, const floating[::1] center, const floati
                     _affine_cols(_in(x0, r * s0), s1, _out(y0, r * o0), o1, C, m, a, b)
             if stream:
                 bn_sfence()
+    free(block)
 
 
 def dsum_nchw(const floating[:, :, :] dy, const floating[:, :, :] x, const floating[::1] mean,
@@ -850,6 +878,9 @@ def dx_nhwc(const floating[:, :] dy, const floating[:, :] x, const floating[::1]
     cdef bint unit = (s1 == sizeof(floating) and g1 == sizeof(floating)
                       and o1 == sizeof(floating))
     cdef bint stream = unit and _streams_rows(R, C, y0, o0, o1, sizeof(floating))
+    cdef const floating* v[4]
+    v[0], v[1], v[2], v[3] = &mean[0], &a[0], &b[0], &d[0]
+    cdef void* block = _on_lines(C, v, 4)
     cdef Py_ssize_t j, r
     with nogil:
         for j in prange(k, num_threads=nthreads, schedule="static"):
@@ -857,19 +888,20 @@ def dx_nhwc(const floating[:, :] dy, const floating[:, :] x, const floating[::1]
                 if stream:
                     if floating is float:
                         bn_dx_stream_cols_f(_in(d0, r * g0), _in(x0, r * s0), _out(y0, r * o0),
-                                            C, &mean[0], &a[0], &b[0], &d[0])
+                                            C, v[0], v[1], v[2], v[3])
                     else:
                         bn_dx_stream_cols_d(_in(d0, r * g0), _in(x0, r * s0), _out(y0, r * o0),
-                                            C, &mean[0], &a[0], &b[0], &d[0])
+                                            C, v[0], v[1], v[2], v[3])
                 elif unit:
                     _dx_cols(_in(d0, r * g0), sizeof(floating),
                              _in(x0, r * s0), sizeof(floating), _out(y0, r * o0),
-                             sizeof(floating), C, &mean[0], &a[0], &b[0], &d[0])
+                             sizeof(floating), C, v[0], v[1], v[2], v[3])
                 else:
                     _dx_cols(_in(d0, r * g0), g1, _in(x0, r * s0), s1,
-                             _out(y0, r * o0), o1, C, &mean[0], &a[0], &b[0], &d[0])
+                             _out(y0, r * o0), o1, C, v[0], v[1], v[2], v[3])
             if stream:
                 bn_sfence()
+    free(block)
 
 
 def _float64(v, Py_ssize_t C, double default):
