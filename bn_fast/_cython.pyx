@@ -137,6 +137,8 @@ cpdef enum:
     BLOCK = 4096  # elements per statistics block: 16-32 KiB, stays in L1
     WIDE = 1024  # channels from which channels-last statistics use _group_moments
     FAR_BYTES = 1 << 25  # two-pass statistics of inputs this large prefetch (as in _numba.py)
+    SHORT = 128  # float32 planes shorter than this: _batch_moments (as in _numba.py),
+    SPAN = 16  # over at most this many batch entries at a time
     STREAM_BYTES = 1 << 26  # element-wise kernels stream outputs this large (where BN_STREAM)
 cdef int _MAX_THREADS = openmp.omp_get_max_threads()  # before any set: honours OMP_NUM_THREADS
 
@@ -280,6 +282,60 @@ cdef inline Moments _plane_moments(const floating* v, Py_ssize_t n, Py_ssize_t s
         else:
             acc = _moments_run(_in(v, lo * sv), w, sv, acc)
     return acc
+
+
+cdef inline void _add_planes(const floating* v, Py_ssize_t sv, Py_ssize_t S, double* acc,
+                             bint squares, double m) noexcept nogil:
+    """acc[s] += v[s] (or (v[s] - m) ** 2) for one plane of S elements, sv bytes apart."""
+    cdef Py_ssize_t s
+    cdef double d
+    for s in range(S):
+        d = _at(v, s, sv)
+        if squares:
+            d = d - m
+            acc[s] += d * d
+        else:
+            acc[s] += d
+
+
+cdef void _batch_moments(const floating* x0, Py_ssize_t s0, Py_ssize_t s1, Py_ssize_t s2,
+                         Py_ssize_t S, Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t c0,
+                         Py_ssize_t c1, double* pm, double* pq) noexcept nogil:
+    """Mean and centred squares of channels c0:c1 (at most BLOCK elements of planes) over
+    batch entries n0:n1, into pm[0:c1 - c0] and pq, for float32 planes shorter than
+    SHORT: as _batch_moments in _numba.py says, the planes are added element-wise into
+    float64 accumulators whose lanes are summed once per channel."""
+    cdef double acc[BLOCK]
+    cdef Py_ssize_t n, c, i, k = c1 - c0
+    cdef double t
+    cdef bint unit = s2 == sizeof(floating)
+    for i in range(k * S):
+        acc[i] = 0.0
+    for n in range(n0, n1):
+        for c in range(k):
+            if unit:
+                _add_planes(_in(x0, n * s0 + (c0 + c) * s1), sizeof(floating), S, acc + c * S,
+                            False, 0.0)
+            else:
+                _add_planes(_in(x0, n * s0 + (c0 + c) * s1), s2, S, acc + c * S, False, 0.0)
+    for c in range(k):
+        t = 0.0
+        for i in range(S):
+            t += acc[c * S + i]
+            acc[c * S + i] = 0.0
+        pm[c] = t / ((n1 - n0) * S)
+    for n in range(n0, n1):
+        for c in range(k):
+            if unit:
+                _add_planes(_in(x0, n * s0 + (c0 + c) * s1), sizeof(floating), S, acc + c * S,
+                            True, pm[c])
+            else:
+                _add_planes(_in(x0, n * s0 + (c0 + c) * s1), s2, S, acc + c * S, True, pm[c])
+    for c in range(k):
+        t = 0.0
+        for i in range(S):
+            t += acc[c * S + i]
+        pq[c] = t
 
 
 # Channels-last reductions add rows into per-column float64 arrays; taking rows in pairs
@@ -587,10 +643,28 @@ def stats_nchw(const floating[:, :, :] x, double[::1] mean, double[::1] var, int
     cdef Py_ssize_t s0 = x.strides[0], s1 = x.strides[1], s2 = x.strides[2]
     cdef Py_ssize_t nt = max(1, min(nthreads, N * C))
     cdef bint far = s2 == sizeof(floating) and _far_planes(N * C * S, S, sizeof(floating))
-    cdef double[:, ::1] pn = np.zeros((nt, C)), pm = np.zeros((nt, C)), pq = np.zeros((nt, C))
     cdef const floating* x0 = &x[0, 0, 0]
-    cdef Py_ssize_t k, p, p1, c, n
+    cdef Py_ssize_t k, p, p1, c, n, t, j, c0, c1
+    cdef Py_ssize_t cb = max(1, min(C, BLOCK // max(S, 1))), ns, nb
     cdef Moments acc
+    cdef double[:, ::1] pn, pm, pq
+    if floating is float:
+        if S < SHORT and N * C * S * sizeof(floating) < FAR_BYTES:  # as in _numba.py
+            ns = max(min(nthreads, N), (N + SPAN - 1) // SPAN)
+            nb = (C + cb - 1) // cb
+            pn, pm, pq = np.zeros((ns, C)), np.zeros((ns, C)), np.zeros((ns, C))
+            with nogil:
+                for t in prange(ns * nb, num_threads=nthreads, schedule="static"):
+                    j = t % ns
+                    c0 = t // ns * cb
+                    c1 = min(C, c0 + cb)
+                    _batch_moments(x0, s0, s1, s2, S, j * N // ns, (j + 1) * N // ns, c0, c1,
+                                   &pm[j, c0], &pq[j, c0])
+                    for c in range(c0, c1):
+                        pn[j, c] = ((j + 1) * N // ns - j * N // ns) * S
+                _reduce_moments(pn, pm, pq, mean, var)
+            return
+    pn, pm, pq = np.zeros((nt, C)), np.zeros((nt, C)), np.zeros((nt, C))
     with nogil:
         for k in prange(nt, num_threads=nthreads, schedule="static"):
             p1 = (k + 1) * N * C // nt
@@ -943,12 +1017,16 @@ def _train_nchw(const floating[:, :, :] x, const double[::1] gamma, const double
             for c in range(t * cb, min(C, t * cb + cb)):
                 mean[c] = 0.0
                 var[c] = 0.0
-            # Batch entry by batch entry, the block's planes lie next to each other in memory.
-            for n in range(N):
-                for c in range(t * cb, min(C, t * cb + cb)):
-                    acc.n, acc.m, acc.q = <double>(n * S), mean[c], var[c]
-                    acc = _plane_moments(_in(x0, n * s0 + c * s1), S, s2, acc)
-                    mean[c], var[c] = acc.m, acc.q
+            if floating is float and S < SHORT:
+                _batch_moments(x0, s0, s1, s2, S, 0, N, t * cb, min(C, t * cb + cb),
+                               &mean[t * cb], &var[t * cb])
+            else:
+                # Batch entry by batch entry, the block's planes lie next to each other.
+                for n in range(N):
+                    for c in range(t * cb, min(C, t * cb + cb)):
+                        acc.n, acc.m, acc.q = <double>(n * S), mean[c], var[c]
+                        acc = _plane_moments(_in(x0, n * s0 + c * s1), S, s2, acc)
+                        mean[c], var[c] = acc.m, acc.q
             for c in range(t * cb, min(C, t * cb + cb)):
                 var[c] = var[c] / (N * S)
                 a = 1.0 / sqrt(var[c] + eps) * gamma[c]

@@ -427,6 +427,24 @@ def test_nchw_fused_and_separate_paths_match_reference(backend, rng, nthreads, C
         assert y is x_in and got[0] is dy_in
 
 
+# Short float32 planes (under _numba.SHORT elements) in the two passes: statistics of
+# blocks of channels over spans of at most 16 batch entries, merged at the end (144
+# entries: 9 spans); 6 channels are too few for the fused kernels.  Centred at 1000,
+# where sums of squares about zero would lose the variance.
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("view", ["contiguous", "strided planes"])
+def test_nchw_short_planes_over_many_batch_entries_match_reference(backend, rng, dtype, view):
+    if view == "contiguous":
+        x = make_x(rng, (144, 6, 7, 7), dtype, loc=1000.0)
+    else:
+        x = make_x(rng, (144, 6, 7, 14), dtype, loc=1000.0)[:, :, :, ::2]
+    gamma, beta, rm, rv = make_params(rng, 6, dtype)
+    rm2, rv2 = rm.copy(), rv.copy()
+    yr, mr, sr = ref.batch_norm_train(x, gamma, beta, running_mean=rm2, running_var=rv2)
+    got = bnf.batch_norm_train(x, gamma, beta, running_mean=rm, running_var=rv)
+    assert_training_close(got, (yr, mr, sr), (rm, rv), (rm2, rv2), dtype)
+
+
 # 7x7 planes of 525 channels on 2 threads: the fused kernels take blocks of 65 channels
 # (the last one of 5), batch entry by batch entry.
 @pytest.mark.parametrize("dtype", DTYPES)
