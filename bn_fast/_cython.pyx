@@ -1014,13 +1014,13 @@ def _train_nchw(const floating[:, :, :] x, const double[::1] gamma, const double
     cdef floating* o
     with nogil:
         for t in prange((C + cb - 1) // cb, num_threads=nthreads, schedule="static"):
-            for c in range(t * cb, min(C, t * cb + cb)):
-                mean[c] = 0.0
-                var[c] = 0.0
             if floating is float and S < SHORT:
                 _batch_moments(x0, s0, s1, s2, S, 0, N, t * cb, min(C, t * cb + cb),
                                &mean[t * cb], &var[t * cb])
             else:
+                for c in range(t * cb, min(C, t * cb + cb)):
+                    mean[c] = 0.0
+                    var[c] = 0.0
                 # Batch entry by batch entry, the block's planes lie next to each other.
                 for n in range(N):
                     for c in range(t * cb, min(C, t * cb + cb)):
