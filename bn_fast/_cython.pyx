@@ -1029,7 +1029,7 @@ def _train_nchw(const floating[:, :, :] x, const double[::1] gamma, const double
                         mean[c], var[c] = acc.m, acc.q
             for c in range(t * cb, min(C, t * cb + cb)):
                 var[c] = var[c] / (N * S)
-                a = 1.0 / sqrt(var[c] + eps) * gamma[c]
+                a = gamma[c] / sqrt(var[c] + eps)
                 # the mean rounded to x's dtype, as _algebra.affine_coefficients does
                 coef[0, c] = <floating>a
                 coef[1, c] = <floating>(beta[c] - (mean[c] - <floating>mean[c]) * a)
