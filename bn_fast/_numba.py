@@ -1040,8 +1040,41 @@ def _with_algebra(algebra_hash):
             _backward_block(dy, x, t * cb, min(C, t * cb + cb), center, mean, invstd, gamma,
                             sdy, sdyx, dgamma, dbeta, dx)
 
-    return train_block, backward_block, train_nchw, backward_nchw
+    @njit(**_SEQ)
+    def coefficients(mean, var, gamma, beta, eps, dtype):
+        _ = algebra_hash
+        C = mean.shape[0]
+        center, scale, shift = np.empty(C, dtype), np.empty(C, dtype), np.empty(C, dtype)
+        affine_coefficients(mean, var, gamma, beta, eps, center, scale, shift)
+        return center, scale, shift
+
+    # _api's normalisation in one call from Python: on a (2, 16, 8, 8) inference, calling
+    # affine_coefficients and the kernel separately, with three arrays made in Python,
+    # cost about 1 us of 4.7.
+    @njit(**_SEQ)
+    def normalise_nchw(x, mean, var, gamma, beta, eps, y, nthreads):
+        """affine_coefficients, then affine_nchw (serial or parallel, as nthreads says)."""
+        center, scale, shift = _coefficients(mean, var, gamma, beta, eps, x.dtype)
+        if nthreads == 1:
+            _affine_nchw_serial(x, center, scale, shift, y, 1)
+        else:
+            _affine_nchw_parallel(x, center, scale, shift, y, nthreads)
+
+    @njit(**_SEQ)
+    def normalise_nhwc(x, mean, var, gamma, beta, eps, y, nthreads):
+        """affine_coefficients, then affine_nhwc."""
+        center, scale, shift = _coefficients(mean, var, gamma, beta, eps, x.dtype)
+        if nthreads == 1:
+            _affine_nhwc_serial(x, center, scale, shift, y, 1)
+        else:
+            _affine_nhwc_parallel(x, center, scale, shift, y, nthreads)
+
+    return (train_block, backward_block, train_nchw, backward_nchw, coefficients,
+            normalise_nchw, normalise_nhwc)
 
 
-_train_block, _backward_block, train_nchw, backward_nchw = _with_algebra(
+_affine_nchw_serial, _affine_nchw_parallel = affine_nchw.serial, affine_nchw.parallel
+_affine_nhwc_serial, _affine_nhwc_parallel = affine_nhwc.serial, affine_nhwc.parallel
+(_train_block, _backward_block, train_nchw, backward_nchw, _coefficients, normalise_nchw,
+ normalise_nhwc) = _with_algebra(
     hashlib.sha256(inspect.getsource(_algebra).encode()).hexdigest())
