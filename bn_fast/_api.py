@@ -205,11 +205,10 @@ def _affine(x, axis, scale, shift, out):
 def _normalise(x, axis, prepared, mean, var, gamma, beta, eps, out):
     """y = (x - mean) / sqrt(var + eps) * gamma + beta per channel, in x's dtype."""
     K, nt, kind, xv, _, k = prepared
-    if k == 1 and hasattr(K, "normalise_nchw"):  # Numba: all of it in one compiled call
+    if k == 1 and hasattr(K, "normalise"):  # Numba: all of it in one compiled call
         y, yv, pending = _output(x, axis, kind, out, xv.shape)
         if x.size:
-            (K.normalise_nchw if kind == "ncs" else K.normalise_nhwc)(
-                xv, mean, var, _param(gamma), _param(beta), eps, yv, nt)
+            K.normalise(xv, mean, var, _param(gamma), _param(beta), eps, yv, nt)
         return _finish(y, pending)
     C, e = len(mean), np.empty  # separate np.empty calls: half the time of a loop
     center, scale, shift = e(C, x.dtype), e(C, x.dtype), e(C, x.dtype)

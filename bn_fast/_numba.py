@@ -1052,29 +1052,30 @@ def _with_algebra(algebra_hash):
     # affine_coefficients and the kernel separately, with three arrays made in Python,
     # cost about 1 us of 4.7.
     @njit(**_SEQ)
-    def normalise_nchw(x, mean, var, gamma, beta, eps, y, nthreads):
-        """affine_coefficients, then affine_nchw (serial or parallel, as nthreads says)."""
-        center, scale, shift = _coefficients(mean, var, gamma, beta, eps, x.dtype)
-        if nthreads == 1:
-            _affine_nchw_serial(x, center, scale, shift, y, 1)
-        else:
-            _affine_nchw_parallel(x, center, scale, shift, y, nthreads)
+    def normalise(x, mean, var, gamma, beta, eps, y, nthreads):
+        """affine_coefficients, then affine_nchw on (N, C, S) views or affine_nhwc on
+        (R, C) ones, serial or parallel as nthreads says.
 
-    @njit(**_SEQ)
-    def normalise_nhwc(x, mean, var, gamma, beta, eps, y, nthreads):
-        """affine_coefficients, then affine_nhwc."""
+        x.ndim is a constant to Numba, which drops the branch of the other rank before
+        typing it, so each specialisation holds only its own kernel.
+        """
+        _ = algebra_hash  # _coefficients is linked into this one's cached code
         center, scale, shift = _coefficients(mean, var, gamma, beta, eps, x.dtype)
-        if nthreads == 1:
-            _affine_nhwc_serial(x, center, scale, shift, y, 1)
+        if x.ndim == 3:
+            if nthreads == 1:
+                _affine_nchw_serial(x, center, scale, shift, y, 1)
+            else:
+                _affine_nchw_parallel(x, center, scale, shift, y, nthreads)
         else:
-            _affine_nhwc_parallel(x, center, scale, shift, y, nthreads)
+            if nthreads == 1:
+                _affine_nhwc_serial(x, center, scale, shift, y, 1)
+            else:
+                _affine_nhwc_parallel(x, center, scale, shift, y, nthreads)
 
-    return (train_block, backward_block, train_nchw, backward_nchw, coefficients,
-            normalise_nchw, normalise_nhwc)
+    return train_block, backward_block, train_nchw, backward_nchw, coefficients, normalise
 
 
 _affine_nchw_serial, _affine_nchw_parallel = affine_nchw.serial, affine_nchw.parallel
 _affine_nhwc_serial, _affine_nhwc_parallel = affine_nhwc.serial, affine_nhwc.parallel
-(_train_block, _backward_block, train_nchw, backward_nchw, _coefficients, normalise_nchw,
- normalise_nhwc) = _with_algebra(
+_train_block, _backward_block, train_nchw, backward_nchw, _coefficients, normalise = _with_algebra(
     hashlib.sha256(inspect.getsource(_algebra).encode()).hexdigest())

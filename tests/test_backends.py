@@ -300,7 +300,9 @@ x = np.random.default_rng(0).standard_normal((2, 8, 32, 32), dtype=np.float32)
 K, nt, kind, xv, _, k = _api._prepared(x, 1)
 assert nt == 1 and _api._fused(K, kind, xv, nt)  # the serial fused kernel serves
 bnf.batch_norm_train(x)
-stats = [_numba.train_nchw.serial.stats, _numba.running_update.stats]
+ones = np.ones(8, np.float32)
+bnf.batch_norm_infer(x, ones, ones, ones, ones)  # normalise, which links _coefficients in
+stats = [_numba.train_nchw.serial.stats, _numba.running_update.stats, _numba.normalise.stats]
 print("hits", sum(sum(s.cache_hits.values()) for s in stats),
       "misses", sum(sum(s.cache_misses.values()) for s in stats))
 """
@@ -309,8 +311,9 @@ print("hits", sum(sum(s.cache_hits.values()) for s in stats),
 @pytest.mark.skipif("numba" not in bnf.available_backends(), reason="needs Numba")
 def test_an_edit_of_the_algebra_alone_recompiles_the_fused_kernels(tmp_path):
     """Numba checks a cached function against its own file only; the fused kernels
-    compile _algebra's functions into themselves, and must not outlive an edit of it,
-    and neither must the loops _numba.py compiles from _algebra's code."""
+    compile _algebra's functions into themselves (normalise through the _coefficients
+    it calls), and must not outlive an edit of it, and neither must the loops _numba.py
+    compiles from _algebra's code."""
     package = tmp_path / "bn_fast"
     package.mkdir()
     for source in Path(bnf.__file__).parent.glob("*.py"):  # no extension: Numba serves
@@ -325,8 +328,8 @@ def test_an_edit_of_the_algebra_alone_recompiles_the_fused_kernels(tmp_path):
         assert r.returncode == 0, r.stderr
         return r.stdout.split()[-3:]
 
-    assert run() == ["0", "misses", "2"]  # compiled
-    assert run() == ["2", "misses", "0"]  # from the cache
+    assert run() == ["0", "misses", "3"]  # compiled
+    assert run() == ["3", "misses", "0"]  # from the cache
     with open(package / "_algebra.py", "a") as f:
         f.write("# an edit\n")
-    assert run() == ["0", "misses", "2"]  # compiled again
+    assert run() == ["0", "misses", "3"]  # compiled again
