@@ -41,9 +41,13 @@ _FM = {"reassoc", "contract", "nsz"}
 _PAR = dict(parallel=True, cache=True, nogil=True, fastmath=_FM)
 _SEQ = dict(cache=True, nogil=True, fastmath=_FM)
 BLOCK = 4096  # elements per statistics block: 16-32 KiB, stays in L1
+# Channels-first statistics sum long planes in runs of this many, the second pass from L2,
+# and do not prefetch: on an AMD EPYC (Zen 5), 4096-element runs with the next one
+# prefetched took 1.4-1.6x as long on 32x64x112x112 (see _prefetch).
+RUN = 4 * BLOCK
 WIDE = 1024  # channels from which channels-last statistics use _group_moments,
 GROUP = 8  # in groups of this many rows (8 was 1.1-1.4x faster than 4 on 1024-8192)
-FAR_BYTES = 1 << 25  # two-pass statistics of inputs this large prefetch (see _prefetch)
+FAR_BYTES = 1 << 25  # gradient sums, channels-last statistics of inputs this large prefetch
 SHORT = 128  # float32 planes shorter than this get their statistics from _batch_moments,
 SPAN = 16  # over at most this many batch entries at a time
 # Element-wise kernels store outputs this large past the cache (_streamed); x86 only,
@@ -161,8 +165,8 @@ def _plane_split(x, nthreads):
     """(parts, far) for channels-first reductions, which read the N * C planes in memory
     order, part k of the planes on thread k: reading one channel's planes one after the
     other (3 MB apart on 32x256x56x56) made the gradient sums 1.2x slower.  far: x is
-    too large to be in cache, and planes are long enough to be worth prefetching (see
-    _prefetch)."""
+    too large to be in cache, and planes are long enough for the gradient sums to
+    prefetch and to read four at a time (see _prefetch, _planes_dsums4)."""
     N, C, S = x.shape
     far = x.size * x.itemsize >= FAR_BYTES and S * x.itemsize >= 4096
     return max(1, min(nthreads, N * C)), far
@@ -182,9 +186,12 @@ def _prefetch(typingctx, a, i):
     """Ask the CPU to load the cache line i bytes past the start of a's data (a hint:
     an address outside a does no harm).
 
-    The two-pass statistics alternate a pass over memory with a pass over L1, during
+    Two-pass statistics alternate a pass over memory with a pass over cache, during
     which the hardware prefetcher, driven by misses, has nothing to go on: prefetching
-    the next planes before that made channels-first statistics of 100 MB 1.4x faster.
+    the next block before that once made channels-first statistics of 100 MB 1.4x
+    faster.  On an AMD EPYC (Zen 5) guest it made them slower than the hardware
+    prefetcher alone (one prefetch per line of the next 16 KB, issued at once), so
+    they no longer use it (see RUN); channels-last statistics and the gradient sums do.
     """
     def codegen(context, builder, sig, args):
         data = context.make_array(sig.args[0])(context, builder, args[0]).data
@@ -283,22 +290,18 @@ def _row_moments(xb, c):
 
 
 @njit(**_SEQ)
-def _planes_moments(xb, pn, pm, pq, far=False):
-    """Merge the moments of each row of a (channels, S) block into pn, pm, pq.
-
-    far: prefetch each long row's next block while the current one is summed."""
+def _planes_moments(xb, pn, pm, pq):
+    """Merge the moments of each row of a (channels, S) block into pn, pm, pq."""
     S = xb.shape[1]
     for c in range(xb.shape[0]):
         n_, m_, q_ = pn[c], pm[c], pq[c]
-        if S <= BLOCK:
+        if S <= RUN:
             m, q = _row_moments(xb, c)
             n_, m_, q_ = _merge(n_, m_, q_, float(S), m, q)
             pn[c], pm[c], pq[c] = n_, m_, q_
             continue
-        for lo in range(0, S, BLOCK):
-            if far and lo + BLOCK < S:
-                _prefetch_run(xb[c, lo + BLOCK:])
-            w = xb[c, lo:lo + BLOCK]
+        for lo in range(0, S, RUN):
+            w = xb[c, lo:lo + RUN]
             m, q = _moments(w)
             n_, m_, q_ = _merge(n_, m_, q_, float(w.shape[0]), m, q)
         pn[c], pm[c], pq[c] = n_, m_, q_
@@ -789,7 +792,7 @@ def stats_nchw(x, mean, var, nthreads):
                            pm[j, c0:c1], pq[j, c0:c1])
         _reduce_moments(pn, pm, pq, mean, var)
         return
-    nt, far = _plane_split(x, nthreads)
+    nt = _plane_split(x, nthreads)[0]
     pn = np.zeros((nt, C))
     pm = np.zeros((nt, C))
     pq = np.zeros((nt, C))
@@ -798,9 +801,7 @@ def stats_nchw(x, mean, var, nthreads):
         p = p0
         while p < p1:
             n, c0, c1 = _planes(p, p1, C, cb)
-            if far:
-                _prefetch_planes(x, c1 + n * C, p1, C, cb)
-            _planes_moments(x[n, c0:c1], pn[k, c0:c1], pm[k, c0:c1], pq[k, c0:c1], far)
+            _planes_moments(x[n, c0:c1], pn[k, c0:c1], pm[k, c0:c1], pq[k, c0:c1])
             p += c1 - c0
     _reduce_moments(pn, pm, pq, mean, var)
 
