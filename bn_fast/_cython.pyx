@@ -135,6 +135,7 @@ ctypedef struct Moments:  # count, mean and sum of centred squares of some eleme
 
 cpdef enum:
     BLOCK = 4096  # elements per statistics block: 16-32 KiB, stays in L1
+    RUN = 4 * BLOCK  # channels-first statistics sum long planes in runs of this many (_numba.py)
     WIDE = 1024  # channels from which channels-last statistics use _group_moments
     FAR_BYTES = 1 << 25  # two-pass statistics of inputs this large prefetch (as in _numba.py)
     SHORT = 128  # float32 planes shorter than this: _batch_moments (as in _numba.py),
@@ -267,16 +268,12 @@ cdef inline void _prefetch_run(const floating* v, Py_ssize_t n) noexcept nogil:
 
 
 cdef inline Moments _plane_moments(const floating* v, Py_ssize_t n, Py_ssize_t sv,
-                                   Moments acc, bint far=False) noexcept nogil:
-    """Merge a run of n elements into acc, one L1-sized block at a time.
-
-    far (contiguous runs only): prefetch each next block while the current one is summed."""
+                                   Moments acc) noexcept nogil:
+    """Merge a run of n elements into acc, RUN elements at a time (see RUN in _numba.py)."""
     cdef Py_ssize_t blk, lo, w
-    for blk in range((n + BLOCK - 1) // BLOCK):
-        lo = blk * BLOCK
-        w = min(BLOCK, n - lo)
-        if far and lo + BLOCK < n:
-            _prefetch_run(_in(v, (lo + BLOCK) * sv), n - lo - BLOCK)
+    for blk in range((n + RUN - 1) // RUN):
+        lo = blk * RUN
+        w = min(RUN, n - lo)
         if sv == sizeof(floating):
             acc = _moments_run(_in(v, lo * sv), w, sizeof(floating), acc)
         else:
@@ -674,7 +671,7 @@ def stats_nchw(const floating[:, :, :] x, double[::1] mean, double[::1] var, int
                 if far and p + 1 < p1:
                     _prefetch_run(_in(x0, (p + 1) // C * s0 + (p + 1) % C * s1), S)
                 acc.n, acc.m, acc.q = pn[k, c], pm[k, c], pq[k, c]
-                acc = _plane_moments(_in(x0, n * s0 + c * s1), S, s2, acc, far)
+                acc = _plane_moments(_in(x0, n * s0 + c * s1), S, s2, acc)
                 pn[k, c], pm[k, c], pq[k, c] = acc.n, acc.m, acc.q
         _reduce_moments(pn, pm, pq, mean, var)
 

@@ -42,12 +42,13 @@ _PAR = dict(parallel=True, cache=True, nogil=True, fastmath=_FM)
 _SEQ = dict(cache=True, nogil=True, fastmath=_FM)
 BLOCK = 4096  # elements per statistics block: 16-32 KiB, stays in L1
 # Channels-first statistics sum long planes in runs of this many, the second pass from L2,
-# and do not prefetch: on an AMD EPYC (Zen 5), 4096-element runs with the next one
-# prefetched took 1.4-1.6x as long on 32x64x112x112 (see _prefetch).
+# and prefetch only the next planes, not the next run: on an AMD EPYC (Zen 5),
+# 4096-element runs with the next one prefetched took 1.4-1.6x as long on 32x64x112x112
+# (see _prefetch).
 RUN = 4 * BLOCK
 WIDE = 1024  # channels from which channels-last statistics use _group_moments,
 GROUP = 8  # in groups of this many rows (8 was 1.1-1.4x faster than 4 on 1024-8192)
-FAR_BYTES = 1 << 25  # gradient sums, channels-last statistics of inputs this large prefetch
+FAR_BYTES = 1 << 25  # reductions of inputs this large prefetch (see _prefetch)
 SHORT = 128  # float32 planes shorter than this get their statistics from _batch_moments,
 SPAN = 16  # over at most this many batch entries at a time
 # Element-wise kernels store outputs this large past the cache (_streamed); x86 only,
@@ -165,8 +166,8 @@ def _plane_split(x, nthreads):
     """(parts, far) for channels-first reductions, which read the N * C planes in memory
     order, part k of the planes on thread k: reading one channel's planes one after the
     other (3 MB apart on 32x256x56x56) made the gradient sums 1.2x slower.  far: x is
-    too large to be in cache, and planes are long enough for the gradient sums to
-    prefetch and to read four at a time (see _prefetch, _planes_dsums4)."""
+    too large to be in cache, and planes are long enough to prefetch the next ones and,
+    for the gradient sums, to read four at a time (see _prefetch, _planes_dsums4)."""
     N, C, S = x.shape
     far = x.size * x.itemsize >= FAR_BYTES and S * x.itemsize >= 4096
     return max(1, min(nthreads, N * C)), far
@@ -189,9 +190,9 @@ def _prefetch(typingctx, a, i):
     Two-pass statistics alternate a pass over memory with a pass over cache, during
     which the hardware prefetcher, driven by misses, has nothing to go on: prefetching
     the next block before that once made channels-first statistics of 100 MB 1.4x
-    faster.  On an AMD EPYC (Zen 5) guest it made them slower than the hardware
-    prefetcher alone (one prefetch per line of the next 16 KB, issued at once), so
-    they no longer use it (see RUN); channels-last statistics and the gradient sums do.
+    faster.  On an AMD EPYC (Zen 5) guest, within long planes, it made them slower than
+    the hardware prefetcher alone (one prefetch per line of the next 16 KB, issued at
+    once), so there they no longer use it (see RUN); they still prefetch the next planes.
     """
     def codegen(context, builder, sig, args):
         data = context.make_array(sig.args[0])(context, builder, args[0]).data
@@ -792,7 +793,7 @@ def stats_nchw(x, mean, var, nthreads):
                            pm[j, c0:c1], pq[j, c0:c1])
         _reduce_moments(pn, pm, pq, mean, var)
         return
-    nt = _plane_split(x, nthreads)[0]
+    nt, far = _plane_split(x, nthreads)
     pn = np.zeros((nt, C))
     pm = np.zeros((nt, C))
     pq = np.zeros((nt, C))
@@ -801,6 +802,8 @@ def stats_nchw(x, mean, var, nthreads):
         p = p0
         while p < p1:
             n, c0, c1 = _planes(p, p1, C, cb)
+            if far:
+                _prefetch_planes(x, c1 + n * C, p1, C, cb)
             _planes_moments(x[n, c0:c1], pn[k, c0:c1], pm[k, c0:c1], pq[k, c0:c1])
             p += c1 - c0
     _reduce_moments(pn, pm, pq, mean, var)
