@@ -48,7 +48,7 @@ BLOCK = 4096  # elements per statistics block: 16-32 KiB, stays in L1
 RUN = 4 * BLOCK
 WIDE = 1024  # channels from which channels-last statistics use _group_moments,
 GROUP = 8  # in groups of this many rows (8 was 1.1-1.4x faster than 4 on 1024-8192)
-FAR_BYTES = 1 << 25  # reductions of inputs this large prefetch (see _prefetch)
+FAR_BYTES = 1 << 25  # statistics of inputs this large prefetch (see _prefetch)
 SHORT = 128  # float32 planes shorter than this get their statistics from _batch_moments,
 SPAN = 16  # over at most this many batch entries at a time
 # Element-wise kernels store outputs this large past the cache (_streamed); x86 only,

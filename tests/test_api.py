@@ -463,8 +463,8 @@ def test_nchw_fused_blocks_of_channels_match_reference(backend, rng, dtype):
 
 # Channels-first inputs the separate passes serve, whose reductions split the N * C
 # planes in memory order between the threads.  The statistics sum long planes in runs
-# of RUN elements (1031x1093: 68 and a part), reductions of inputs of 32 MiB or more
-# prefetch the planes ahead, and outputs of 64 MiB or more are written with
+# of RUN elements (1031x1093: 68 and a part), the statistics of inputs of 32 MiB or more
+# prefetch the next planes, and outputs of 64 MiB or more are written with
 # streaming stores from each plane's first 32-byte boundary: 1031x1093 planes (15,
 # split 7 and 8) start at every alignment and end mid-vector, 56x56 ones are whole
 # vectors.  Short planes (7x11) go in blocks of 13, and the split of 429 planes between
