@@ -55,6 +55,16 @@ SPAN = 16  # over at most this many batch entries at a time
 # where _sfence orders the stores.
 _X86 = platform.machine().lower() in ("x86_64", "amd64")
 STREAM_BYTES = 1 << 26 if _X86 else sys.maxsize
+# The channels-last normalisation reads its three per-channel vectors once per row.
+# Rows wider than 2 * COLS bytes of each go in blocks of COLS bytes of columns over ROWS
+# rows, so that the vectors' part in use stays in L1 (_affine_blocks).  On an AMD EPYC
+# (Zen 5, 48 KiB L1), in turns in random order: 1.29x faster on 1024x4096 float32 and
+# 1.29-1.36x on float64 1024x2048 and 512x4096; on 1568x2048 float32, whose three
+# vectors and rows of x and y (40 KiB) fit in L1 anyway, blocks were 0.82x as fast.
+# dx, with four vectors, gained nothing from blocks (0.88-1.05x), nor did the Cython
+# backend's loop (0.92-0.98x), so neither uses them.
+COLS = 4096
+ROWS = 64
 
 # The per-channel algebra, compiled: one call instead of a dozen small NumPy operations.
 # The loops over channels (see _algebra), with NumPy's error model: Python's checks each
@@ -728,6 +738,20 @@ def _stream_rows_dx(g, v, m, a, b, d, o):
 
 
 @njit(**_SEQ)
+def _affine_blocks(xb, m, a, b, yb):
+    """_affine_rows in blocks of COLS bytes of columns over ROWS rows (see COLS)."""
+    R, C = xb.shape
+    cb = COLS // xb.itemsize
+    for r0 in range(0, R, ROWS):
+        for c0 in range(0, C, cb):
+            for r in range(r0, min(R, r0 + ROWS)):
+                # Unsigned: a signed index not starting at 0 keeps Numba's negative-index
+                # check, and with it this loop did not vectorise (10x slower).
+                for c in range(np.uint64(c0), np.uint64(min(C, c0 + cb))):
+                    yb[r, c] = (xb[r, c] - m[c]) * a[c] + b[c]
+
+
+@njit(**_SEQ)
 def _affine_run(v, m, a, b, o):
     for s in range(v.shape[0]):
         o[s] = (v[s] - m) * a + b
@@ -874,11 +898,14 @@ def affine_nhwc(x, center, scale, shift, y, nthreads):
     R, C = x.shape
     k = max(1, min(R, 8 * nthreads))
     stream = _streams_rows(y, x)
+    wide = C * x.itemsize > 2 * COLS
     center, scale, shift = _aligned(center), _aligned(scale), _aligned(shift)
     for j in prange(k):
         r0, r1 = j * R // k, (j + 1) * R // k
         if stream:
             _stream_rows_affine(x[r0:r1], center, scale, shift, y[r0:r1])
+        elif wide:
+            _affine_blocks(x[r0:r1], center, scale, shift, y[r0:r1])
         else:
             _affine_rows(x[r0:r1], center, scale, shift, y[r0:r1])
 

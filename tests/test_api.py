@@ -561,6 +561,34 @@ def test_wide_channels_last_rows_match_reference(backend, rng, nthreads, C, dtyp
     np.testing.assert_array_equal(y[..., 0], np.broadcast_to(beta[0], y.shape[:-1]))
 
 
+# The channels-last normalisation takes rows of more than 8 KiB per per-channel vector
+# (2048 float32 or 1024 float64 channels) in blocks of columns over groups of 64 rows
+# (_affine_blocks in the Numba backend): 520 rows give each task of 1 thread two row
+# groups, and 2053 channels end in a partial block.  One channel sits far from zero.
+@pytest.mark.parametrize("nthreads", [1, 2])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("view", ["contiguous", "every other row"])
+def test_wide_channels_last_normalisation_matches_reference(backend, rng, nthreads, dtype,
+                                                             view):
+    before = bnf.get_num_threads()
+    C = 2053
+    base = make_x(rng, (2, C, 520 if view == "contiguous" else 1040), dtype, "NHWC")
+    base[..., 2] += 1e4
+    x = base if view == "contiguous" else base[:, ::2]
+    gamma, beta, rm, rv = make_params(rng, C, dtype)
+    try:
+        bnf.set_num_threads(min(nthreads, before))
+        yi = bnf.batch_norm_infer(x, gamma, beta, rm, rv, layout="NHWC")
+        yt, _, _ = bnf.batch_norm_train(x, gamma, beta, layout="NHWC")
+        scale, shift = bnf.fold_affine(gamma, beta, rm, rv)
+        ya = bnf.apply_affine(x, scale, shift, layout="NHWC")
+    finally:
+        bnf.set_num_threads(before)
+    assert_close(yi, ref.batch_norm_infer(x, gamma, beta, rm, rv, layout="NHWC"), dtype, 10)
+    assert_close(yt, ref.batch_norm_train(x, gamma, beta, layout="NHWC")[0], dtype, 10)
+    assert_close(ya, ref.apply_affine(x, scale, shift, layout="NHWC"), dtype, 10)
+
+
 # Channels-last inputs of fewer than 32 channels and at least 16384 elements run on
 # rows widened to k * C elements (k the largest divisor of the row count with k * C <=
 # 256: here 64, 50, 16, 8 and 81; none for the prime 6229), with per-channel vectors
