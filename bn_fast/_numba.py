@@ -56,13 +56,13 @@ SPAN = 16  # over at most this many batch entries at a time
 _X86 = platform.machine().lower() in ("x86_64", "amd64")
 STREAM_BYTES = 1 << 26 if _X86 else sys.maxsize
 # The channels-last normalisation reads its three per-channel vectors once per row.
-# Rows wider than 2 * COLS bytes of each go in blocks of COLS bytes of columns over ROWS
+# Rows wider than COLS bytes of each go in blocks of COLS bytes of columns over ROWS
 # rows, so that the vectors' part in use stays in L1 (_affine_blocks).  On an AMD EPYC
-# (Zen 5, 48 KiB L1), in turns in random order: 1.29x faster on 1024x4096 float32 and
-# 1.29-1.36x on float64 1024x2048 and 512x4096; on 1568x2048 float32, whose three
-# vectors and rows of x and y (40 KiB) fit in L1 anyway, blocks were 0.82x as fast.
-# dx, with four vectors, gained nothing from blocks (0.88-1.05x), nor did the Cython
-# backend's loop (0.92-0.98x), so neither uses them.
+# (Zen 5, 48 KiB L1), the kernel alone, in turns in random order, 30 rounds a process:
+# 1.21-1.49x faster on 1024x4096 float32 (three processes), 1.02-1.25x on 1568x2048
+# (six of seven; 0.82x in one), 1.10-1.36x on float64 1024x2048 and 512x4096.  dx, with
+# four vectors, gained nothing from blocks (0.88-1.05x), nor did the Cython backend's
+# loop (0.92-0.98x), so neither uses them.
 COLS = 4096
 ROWS = 64
 
@@ -898,7 +898,7 @@ def affine_nhwc(x, center, scale, shift, y, nthreads):
     R, C = x.shape
     k = max(1, min(R, 8 * nthreads))
     stream = _streams_rows(y, x)
-    wide = C * x.itemsize > 2 * COLS
+    wide = C * x.itemsize > COLS
     center, scale, shift = _aligned(center), _aligned(scale), _aligned(shift)
     for j in prange(k):
         r0, r1 = j * R // k, (j + 1) * R // k

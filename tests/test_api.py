@@ -561,8 +561,8 @@ def test_wide_channels_last_rows_match_reference(backend, rng, nthreads, C, dtyp
     np.testing.assert_array_equal(y[..., 0], np.broadcast_to(beta[0], y.shape[:-1]))
 
 
-# The channels-last normalisation takes rows of more than 8 KiB per per-channel vector
-# (2048 float32 or 1024 float64 channels) in blocks of columns over groups of 64 rows
+# The channels-last normalisation takes rows of more than 4 KiB per per-channel vector
+# (1024 float32 or 512 float64 channels) in blocks of columns over groups of 64 rows
 # (_affine_blocks in the Numba backend): 520 rows give each task of 1 thread two row
 # groups, and 2053 channels end in a partial block.  One channel sits far from zero.
 @pytest.mark.parametrize("nthreads", [1, 2])
