@@ -739,7 +739,11 @@ def _stream_rows_dx(g, v, m, a, b, d, o):
 
 @njit(**_SEQ)
 def _affine_blocks(xb, m, a, b, yb):
-    """_affine_rows in blocks of COLS bytes of columns over ROWS rows (see COLS)."""
+    """_affine_rows in blocks of COLS bytes of columns over ROWS rows (see COLS).
+
+    The loop is _affine_rows' own, not a call to it on each block's slices: with the
+    column slices it ran 2.3-3.4x slower (1024x4096, 1568x2048, float64 1024x2048).
+    """
     R, C = xb.shape
     cb = COLS // xb.itemsize
     for r0 in range(0, R, ROWS):
