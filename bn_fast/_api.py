@@ -193,19 +193,23 @@ def _tile(v, k):
 def _affine(x, axis, scale, shift, out):
     """y = x * scale + shift per channel; ``scale`` (C,), ``shift`` None (zero) or (C,)."""
     K, nt, kind, xv, _, k = _prepared(x, axis, out=out)
-    zero = np.zeros(len(scale) * k, x.dtype)
-    shift = zero if shift is None else _tile(np.ascontiguousarray(shift, x.dtype), k)
+    C = len(scale) * k
+    scale = _tile(scale.astype(x.dtype), k)
+    shift = (np.zeros(C, x.dtype) if shift is None
+             else _tile(np.ascontiguousarray(shift, x.dtype), k))
     y, yv, pending = _output(x, axis, kind, out, xv.shape)
     if x.size:
-        f = K.affine_nchw if kind == "ncs" else K.affine_nhwc
-        f(xv, zero, _tile(scale.astype(x.dtype), k), shift, yv, nt)
+        if kind == "ncs":
+            K.affine_nchw(xv, np.zeros(C, x.dtype), scale, shift, yv, nt)
+        else:  # a zero-length center is zero, and saves loading one
+            K.affine_nhwc(xv, np.zeros(0, x.dtype), scale, shift, yv, nt)
     return _finish(y, pending)
 
 
 def _normalise(x, axis, prepared, mean, var, gamma, beta, eps, out):
     """y = (x - mean) / sqrt(var + eps) * gamma + beta per channel, in x's dtype."""
     K, nt, kind, xv, _, k = prepared
-    if k == 1 and hasattr(K, "normalise"):  # Numba: all of it in one compiled call
+    if k == 1 and hasattr(K, "normalise"):  # the compiled backends: all of it in one call
         y, yv, pending = _output(x, axis, kind, out, xv.shape)
         if x.size:
             K.normalise(xv, mean, var, _param(gamma), _param(beta), eps, yv, nt)
@@ -213,6 +217,8 @@ def _normalise(x, axis, prepared, mean, var, gamma, beta, eps, out):
     C, e = len(mean), np.empty  # separate np.empty calls: half the time of a loop
     center, scale, shift = e(C, x.dtype), e(C, x.dtype), e(C, x.dtype)
     K.affine_coefficients(mean, var, _param(gamma), _param(beta), eps, center, scale, shift)
+    if kind != "ncs" and not np.count_nonzero(center):  # as in _numba.normalise
+        center = center[:0]
     if k > 1:
         center, scale, shift = _tile(center, k), _tile(scale, k), _tile(shift, k)
     y, yv, pending = _output(x, axis, kind, out, xv.shape)

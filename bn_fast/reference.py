@@ -143,7 +143,7 @@ def affine_nchw(x, center, scale, shift, y, nthreads):
 
 
 def affine_nhwc(x, center, scale, shift, y, nthreads):
-    y[...] = (x - center) * scale + shift
+    y[...] = (x - center if len(center) else x) * scale + shift
 
 
 def dsum_nchw(dy, x, mean, sdy, sdyx, nthreads):

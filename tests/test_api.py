@@ -6,6 +6,7 @@ from conftest import tol
 from helpers import DTYPES, LAYOUTS, SHAPES, channels, make_params, make_x, strided_variants
 
 import bn_fast as bnf
+from bn_fast import _algebra, _backend
 from bn_fast import reference as ref
 
 CASES = [(s, d, lay) for s in SHAPES for d in DTYPES for lay in LAYOUTS]
@@ -587,6 +588,79 @@ def test_wide_channels_last_normalisation_matches_reference(backend, rng, nthrea
     assert_close(yi, ref.batch_norm_infer(x, gamma, beta, rm, rv, layout="NHWC"), dtype, 10)
     assert_close(yt, ref.batch_norm_train(x, gamma, beta, layout="NHWC")[0], dtype, 10)
     assert_close(ya, ref.apply_affine(x, scale, shift, layout="NHWC"), dtype, 10)
+
+
+# A mean within two standard deviations of zero goes into the shift (center 0), as in
+# PyTorch's x * scale + shift; one further out is subtracted first.  A constant channel
+# (variance 0) keeps a nonzero mean; NaN stays NaN.  Both implementations: the NumPy
+# one (Cython and NumPy backends) and the compiled per-channel loop (Numba).
+def _coefficient_implementations():
+    yield _algebra.affine_coefficients
+    if "numba" in bnf.available_backends():
+        from bn_fast import _numba
+
+        yield _numba.affine_coefficients
+
+
+@pytest.mark.parametrize("affine_coefficients", list(_coefficient_implementations()))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_means_within_two_standard_deviations_fold_into_the_shift(affine_coefficients,
+                                                                   dtype):
+    mean = np.array([0.0, 1.99, -1.99, 2.01, -2.01, 5.0, 5.01, 3.0, 1e-3, 1e4, np.nan])
+    var = np.array([1.0, 1.0, 1.0, 1.0, 1.0, 6.25, 6.25, 0.0, 0.0, 1.0, 1.0])
+    want = np.array([0.0, 0.0, 0.0, 2.01, -2.01, 0.0, 5.01, 3.0, 1e-3, 1e4, np.nan], dtype)
+    center, scale, shift = (np.empty(len(mean), dtype) for _ in range(3))
+    gamma, beta = np.linspace(0.5, 1.5, len(mean)), np.linspace(-1.0, 1.0, len(mean))
+    affine_coefficients(mean, var, gamma, beta, 1e-5, center, scale, shift)
+    np.testing.assert_array_equal(center, want)
+    # Either way, (x - center) * scale + shift is the normalisation at x = mean + sd.
+    x = mean + np.sqrt(var)
+    y = (x - center.astype(np.float64)) * scale + shift
+    np.testing.assert_allclose(y[:-1], (np.sqrt(var / (var + 1e-5)) * gamma + beta)[:-1],
+                               rtol=tol(dtype)[0])
+
+
+# Every channel's mean within two standard deviations: the channels-last kernels get a
+# zero-length center and compute x * scale + shift on whole rows (64 and 2048 float32
+# channels), or give blocks a zero center (4096 float32, and 2048 float64, channels).
+# One channel is constant, at a value below two sqrt(eps).
+@pytest.mark.parametrize("C", [64, 2048, 4096])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_channels_last_normalisation_with_every_mean_folded(backend, rng, C, dtype):
+    sd = rng.uniform(0.5, 2.0, C)
+    loc = rng.uniform(-1.5, 1.5, C) * sd
+    x = (rng.standard_normal((3, 5, 7, C)) * sd + loc).astype(dtype)
+    x[..., 1] = 1e-3
+    gamma, beta, _, _ = make_params(rng, C, dtype)
+    rm, rv = loc.astype(dtype), (sd * sd).astype(dtype)
+    yt, mean, invstd = bnf.batch_norm_train(x, gamma, beta, layout="NHWC")
+    assert_close(yt, ref.batch_norm_train(x, gamma, beta, layout="NHWC")[0], dtype, 10)
+    np.testing.assert_array_equal(yt[..., 1], np.broadcast_to(beta[1], yt.shape[:-1]))
+    yi = bnf.batch_norm_infer(x, gamma, beta, rm, rv, layout="NHWC")
+    assert_close(yi, ref.batch_norm_infer(x, gamma, beta, rm, rv, layout="NHWC"), dtype, 10)
+    scale, shift = bnf.fold_affine(gamma, beta, rm, rv)
+    ya = bnf.apply_affine(x[:, :, ::2], scale, shift, layout="NHWC")  # strided rows
+    assert_close(ya, ref.apply_affine(x[:, :, ::2], scale, shift, layout="NHWC"), dtype, 10)
+
+
+# A zero-length center is zero: the same bits as a center of zeros, on whole rows, wide
+# rows, strided channels and a streamed output (64 MiB).
+@pytest.mark.parametrize("R,C", [(1000, 64), (300, 2048), (200, 4096), (65536, 256)])
+def test_affine_nhwc_takes_a_zero_length_center_as_zero(backend, rng, R, C):
+    K, nt = _backend.kernels(R * C)
+    x = rng.standard_normal((R, 2 * C), dtype=np.float32)
+    scale, shift = rng.standard_normal((2, C), dtype=np.float32)
+    def aligned():  # as bn_fast's own outputs, which stream when large
+        raw = np.empty(R * C + 16, np.float32)
+        first = (-raw.ctypes.data % 64) // 4
+        return raw[first:first + R * C].reshape(R, C)
+
+    for xv in (np.ascontiguousarray(x[:, :C]), x[:, ::2]):
+        got, want = aligned(), aligned()
+        K.affine_nhwc(xv, np.zeros(0, np.float32), scale, shift, got, nt)
+        K.affine_nhwc(xv, np.zeros(C, np.float32), scale, shift, want, nt)
+        np.testing.assert_array_equal(got, want)
+        assert_close(got, xv.astype(np.float64) * scale + shift, np.float32)
 
 
 # Channels-last inputs of fewer than 32 channels and at least 16384 elements run on
