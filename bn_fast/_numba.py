@@ -137,6 +137,13 @@ def fused_run(C, S, nthreads):
     return _fused_channels(C, S, nthreads) * S
 
 
+# Numba's thread pool starts here, whatever the thread count.  normalise is a cached
+# serial function that calls the parallel kernels, and loaded from the cache such a
+# function does not start the pool they need: it segfaulted in processes where nothing
+# else had started it (NUMBA_NUM_THREADS=1, one core; numba/numba#8578).  About 5 ms.
+numba.get_num_threads()
+
+
 def max_threads():
     return numba.config.NUMBA_NUM_THREADS
 

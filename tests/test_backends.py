@@ -333,3 +333,65 @@ def test_an_edit_of_the_algebra_alone_recompiles_the_fused_kernels(tmp_path):
     with open(package / "_algebra.py", "a") as f:
         f.write("# an edit\n")
     assert run() == ["0", "misses", "3"]  # compiled again
+
+
+CACHED_CALL = """
+import sys
+import numpy as np
+import bn_fast as bnf
+shape = (2, 16, 32, 32) if sys.argv[1] == "parallel" else (2, 16, 8, 8)
+x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+ones = np.ones(16, np.float32)
+if sys.argv[1] == "parallel":  # compiles the parallel affine_nchw alone
+    y = bnf.apply_affine(x, ones, ones)
+    assert np.array_equal(y, x + 1)
+else:
+    y = bnf.batch_norm_infer(x, ones, ones, ones - 1, ones)
+    want = x.astype(np.float64) / np.sqrt(1 + 1e-5) + 1
+    assert np.abs(y - want).max() < 1e-5, np.abs(y - want).max()
+print("ok")
+"""
+
+
+@pytest.mark.skipif("numba" not in bnf.available_backends(), reason="needs Numba")
+def test_cached_normalisation_runs_where_the_thread_pool_never_started(tmp_path):
+    """Under NUMBA_NUM_THREADS=1 nothing starts Numba's thread pool, and a cached
+    function that linked in a parallel one compiled by an earlier process crashed
+    (numba/numba#8578): the third run here died of a segfault."""
+    def run(mode, threads):
+        env = dict(os.environ, NUMBA_NUM_THREADS=threads,
+                   NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+        env.pop("BN_FAST_BACKEND", None)
+        r = subprocess.run([sys.executable, "-c", CACHED_CALL, mode], env=env, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=600)
+        assert (r.returncode, r.stdout.split()[-1:]) == (0, ["ok"]), r.stderr
+    run("parallel", "2")
+    run("serial", "1")  # compiles the normalisation, linking cached kernels in
+    run("serial", "1")  # loads it from the cache
+
+
+BAD_LAYER = """
+import warnings
+import bn_fast as bnf
+warnings.simplefilter("ignore")  # the NumPy fallback warns where Cython is absent too
+print(bnf.get_backend())
+try:
+    bnf.set_backend("numba")
+except ValueError as exc:
+    print(" ".join(str(exc).split()))
+"""
+
+
+@pytest.mark.skipif("numba" not in bnf.available_backends(), reason="needs Numba")
+def test_a_threading_layer_numba_cannot_load_makes_its_backend_unavailable(tmp_path):
+    """The Numba backend starts Numba's thread pool on import, so a layer that cannot be
+    loaded shows there, with Numba's reason, and "auto" passes on to the next backend."""
+    env = dict(os.environ, NUMBA_THREADING_LAYER="nonsense")
+    env.pop("BN_FAST_BACKEND", None)
+    r = subprocess.run([sys.executable, "-c", BAD_LAYER], env=env, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    chosen, why = r.stdout.splitlines()
+    assert chosen in ("cython", "numpy")
+    assert why.startswith("backend 'numba' is not available")
+    assert "threading layer requested 'nonsense' is unknown" in why

@@ -64,19 +64,17 @@ def every_op(index):
 
 def numba_layer():
     """The Numba threading layer in use, or raise SystemExit with a skip report."""
-    if "numba" not in bnf.available_backends():
-        return None
-    import numba
-
-    previous = bnf.get_backend()
-    bnf.set_backend("numba")
     try:
-        every_op(0)  # starts Numba's thread pool
+        import numba
+    except ImportError:
+        return None
+    previous = bnf.get_backend()
+    try:
+        bnf.set_backend("numba")  # importing the backend starts Numba's thread pool
     except ValueError as exc:  # "No threading layer could be loaded"
         print(json.dumps({"skip": " ".join(str(exc).split())}))
         raise SystemExit(0) from None
-    finally:
-        bnf.set_backend(previous)
+    bnf.set_backend(previous)
     return numba.threading_layer()
 
 
