@@ -121,8 +121,7 @@ cdef extern from *:
 import numpy as np
 
 # The per-channel algebra between kernels: NumPy code shared with the other backends.
-from bn_fast._algebra import (FOLD, affine_coefficients, backward_coefficients, fold_moments,
-                              fold_sums, running_update)
+from bn_fast._algebra import FOLD, affine_coefficients, fold_moments, fold_sums, running_update
 
 ctypedef fused floating:
     float
@@ -1020,6 +1019,45 @@ cdef bint _coefficients(const double[::1] mean, const double[::1] var,
     return zero
 
 
+cdef inline double _backward_terms(double lo, double invstd, double g, double n, double sdy,
+                                   double sdyx, floating* a, floating* b,
+                                   floating* d) noexcept nogil:
+    """_algebra.backward_terms of one channel: a, b, d rounded to x's dtype; returns
+    sdyx about the mean."""
+    cdef double s = sdyx - lo * sdy
+    cdef double ca = invstd * g
+    cdef double cb = -ca * invstd * invstd * s / n
+    a[0] = <floating>ca
+    b[0] = <floating>cb
+    d[0] = <floating>(-ca * sdy / n - lo * cb)
+    return s
+
+
+cdef void _backward_coefficients(const double[::1] mean, const floating[::1] center,
+                                 const double[::1] invstd, const double[::1] gamma, double n,
+                                 const double[::1] sdy, double[::1] sdyx, floating[::1] a,
+                                 floating[::1] b, floating[::1] d, floating[::1] dgamma,
+                                 floating[::1] dbeta) noexcept:
+    cdef Py_ssize_t c
+    for c in range(mean.shape[0]):
+        sdyx[c] = _backward_terms(mean[c] - center[c], invstd[c],
+                                  gamma[c] if gamma.shape[0] else 1.0, n, sdy[c], sdyx[c],
+                                  &a[c], &b[c], &d[c])
+    for c in range(dgamma.shape[0]):
+        dgamma[c] = <floating>(sdyx[c] * invstd[c])
+        dbeta[c] = <floating>sdy[c]
+
+
+def backward_coefficients(mean, center, invstd, gamma, n, sdy, sdyx, a, b, d, dgamma, dbeta):
+    """_algebra.backward_coefficients, compiled: for 64 channels its NumPy took 8.7 us
+    a call, this 5.2 (mostly taking the twelve arrays), of a 180-220 us backward."""
+    m, inv, g = (np.ascontiguousarray(u, np.float64) for u in (mean, invstd, gamma))
+    if a.dtype == np.float32:
+        _backward_coefficients[float](m, center, inv, g, n, sdy, sdyx, a, b, d, dgamma, dbeta)
+    else:
+        _backward_coefficients[double](m, center, inv, g, n, sdy, sdyx, a, b, d, dgamma, dbeta)
+
+
 def normalise(x, mean, var, gamma, beta, double eps, y, int nthreads):
     """affine_coefficients, then affine_nchw on (N, C, S) views or affine_nhwc on (R, C)
     ones (with a zero-length center where every center is 0), as in _numba.py.
@@ -1125,7 +1163,6 @@ def _backward_nchw(const floating[:, :, :] dy, const floating[:, :, :] x,
     cdef floating* y0 = &dx[0, 0, 0]
     cdef double count = <double>(N * S)
     cdef Py_ssize_t t, c, n
-    cdef double a, b
     cdef const floating* g
     cdef const floating* v
     with nogil:
@@ -1143,11 +1180,8 @@ def _backward_nchw(const floating[:, :, :] dy, const floating[:, :, :] x,
                     else:
                         _dsums_run(g, g2, v, s2, S, center[c], &sdy[c], &sdyx[c])
             for c in range(t * cb, min(C, t * cb + cb)):
-                a = invstd[c] * gamma[c]
-                b = -a * invstd[c] * invstd[c] * (sdyx[c] - lo[c] * sdy[c]) / count
-                coef[0, c] = <floating>a
-                coef[1, c] = <floating>b
-                coef[2, c] = <floating>(-a * sdy[c] / count - lo[c] * b)
+                _backward_terms(lo[c], invstd[c], gamma[c], count, sdy[c], sdyx[c],
+                                &coef[0, c], &coef[1, c], &coef[2, c])
             for n in range(N):
                 for c in range(t * cb, min(C, t * cb + cb)):
                     g = _in(d0, n * g0 + c * g1)
