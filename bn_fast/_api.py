@@ -77,6 +77,10 @@ def _output(x, axis, kind, out, shape):
     A new result gets x's memory order: channels-last memory stays channels-last.
     """
     if out is not None:
+        if out.flags.c_contiguous and x.flags.c_contiguous:
+            # x's view is then a reshape in memory order (see _prepare), and so is out's;
+            # _view's moveaxis and checks took 1.5 us of a 6 us call on (2, 16, 8, 8).
+            return out, out.reshape(shape), None
         v = _view(out, axis, kind)
         if v is not None and v.shape != shape:  # a widened view (see _prepared)
             v = v.reshape(shape, copy=False)

@@ -169,6 +169,38 @@ def test_out_and_in_place(backend, rng, dtype, layout):
     np.testing.assert_array_equal(inplace, dx)
 
 
+# C-contiguous x and out: every kind of view the kernels take (NCHW planes, NHWC rows,
+# 2-D, one channel, narrow rows that are widened, 5-D), each written through out.
+OUT_CASES = [((4, 6, 5), "NCHW"), ((4, 6, 5, 3), "NCHW"), ((5, 7), "NCHW"), ((5, 7), "NHWC"),
+             ((3, 5, 4, 1), "NHWC"), ((3, 4, 5, 2), "NHWC"), ((16, 32, 32, 3), "NHWC"),
+             ((2, 3, 4, 5, 6), "NHWC"), ((2, 3, 4, 5, 6), "NCHW")]
+
+
+@pytest.mark.parametrize("shape,layout", OUT_CASES, ids=lambda v: str(v))
+def test_contiguous_out_matches_a_new_output(backend, rng, shape, layout):
+    x = rng.standard_normal(shape).astype(np.float32) * 2 + 3
+    C = channels(x, layout)
+    gamma, beta, rm, rv = make_params(rng, C, np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    out = np.full_like(x, np.nan)
+    want = bnf.batch_norm_infer(x, gamma, beta, rm, rv, layout=layout)
+    assert bnf.batch_norm_infer(x, gamma, beta, rm, rv, layout=layout, out=out) is out
+    np.testing.assert_array_equal(out, want)
+    assert_close(out, ref.batch_norm_infer(x, gamma, beta, rm, rv, layout=layout), np.float32, 10)
+    scale, shift = bnf.fold_affine(gamma, beta, rm, rv)
+    out[...] = np.nan
+    np.testing.assert_array_equal(bnf.apply_affine(x, scale, shift, layout=layout, out=out),
+                                  bnf.apply_affine(x, scale, shift, layout=layout))
+    y, mean, invstd = bnf.batch_norm_train(x, gamma, beta, layout=layout)
+    out[...] = np.nan
+    np.testing.assert_array_equal(bnf.batch_norm_train(x, gamma, beta, layout=layout,
+                                                       out=out)[0], y)
+    dx = bnf.batch_norm_backward(dy, x, mean, invstd, gamma, layout=layout)[0]
+    out[...] = np.nan
+    np.testing.assert_array_equal(
+        bnf.batch_norm_backward(dy, x, mean, invstd, gamma, layout=layout, out=out)[0], dx)
+
+
 def _loss_train(x, gamma, beta, w, layout):
     return float((ref.batch_norm_train(x, gamma, beta, layout=layout)[0] * w).sum())
 
