@@ -186,9 +186,12 @@ def _warm(x, layout):
                 bnf.batch_norm_backward(x, x, *stats, p, training=training, layout=layout)
 
 
-def _progress(i, n, label, width=30):
+def _progress(i, n, label, pad, width=30):
+    """Redraw the bar over the last one: every line is as long (pad: the longest label),
+    so that no tail of a longer one is left behind."""
     done = width * i // n
-    sys.stderr.write(f"\rwarmup [{'#' * done}{'.' * (width - done)}] {i}/{n} {label:<36}")
+    sys.stderr.write(f"\rwarmup [{'#' * done}{'.' * (width - done)}] "
+                     f"{i:>{len(str(n))}}/{n} {label:<{pad}}")
     sys.stderr.flush()
 
 
@@ -201,11 +204,12 @@ def _run_warmup(args):
     previous = bnf.get_backend()
     bnf.set_backend("numba")
     start = time.perf_counter()
+    pad = max(len(label) for label, _, _ in cases)
     try:
         for i, (label, x, layout) in enumerate(cases):
-            _progress(i, len(cases), label)
+            _progress(i, len(cases), label, pad)
             _warm(x, layout)
-        _progress(len(cases), len(cases), "done")
+        _progress(len(cases), len(cases), "done", pad)
     finally:
         sys.stderr.write("\n")
         bnf.set_backend(previous)

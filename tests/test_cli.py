@@ -219,9 +219,13 @@ def test_warmup_reports_progress():
     # without minutes of compilation on a cold cache.
     r = run("warmup", env={"NUMBA_DISABLE_JIT": "1"})
     assert r.returncode == 0, r.stderr
-    steps = re.findall(r"\] (\d+)/(\d+) ", r.stderr)
+    steps = re.findall(r"\] +(\d+)/(\d+) ", r.stderr)
     assert steps[0][0] == "0" and steps[-1][0] == steps[-1][1] != "0"
     assert len(steps) == int(steps[-1][1]) + 1
+    # Each redraw (after a carriage return, which text mode reads as a newline) covers
+    # the one before: no tail of a longer line is left on the terminal.
+    lines = [line for line in r.stderr.splitlines() if line.startswith("warmup [")]
+    assert len(lines) == len(steps) and len({len(line) for line in lines}) == 1, lines
     assert r.stdout.startswith("warmup: ")
 
 
