@@ -51,31 +51,24 @@ GROUP = 8  # in groups of this many rows (8 was 1.1-1.4x faster than 4 on 1024-8
 FAR_BYTES = 1 << 25  # statistics of inputs this large prefetch (see _prefetch)
 SHORT = 128  # float32 planes shorter than this get their statistics from _batch_moments,
 SPAN = 16  # over at most this many batch entries at a time
-# Element-wise kernels store outputs this large past the cache (_streamed); x86 only,
+# Element-wise kernels store outputs this large past the cache (_vectors); x86 only,
 # where _sfence orders the stores.
 _X86 = platform.machine().lower() in ("x86_64", "amd64")
 STREAM_BYTES = 1 << 26 if _X86 else sys.maxsize
-# The channels-last normalisation reads its three per-channel vectors once per row.
-# Rows wider than COLS bytes of each go in blocks of COLS bytes of columns over ROWS
-# rows, so that the vectors' part in use stays in L1 (_affine_blocks).  On an AMD EPYC
-# (Zen 5, 48 KiB L1), the kernel alone, in turns in random order, 30 rounds a process:
-# 1.21-1.49x faster on 1024x4096 float32 (three processes), 1.02-1.25x on 1568x2048
-# (six of seven; 0.82x in one), 1.10-1.36x on float64 1024x2048 and 512x4096.  dx, with
-# four vectors, gained nothing from blocks (0.88-1.05x), nor did the Cython backend's
-# loop (0.92-0.98x), so neither uses them.
-COLS = 4096
-ROWS = 64
-# Where every channel's center is zero (_algebra.center_terms), the normalisation is
-# x * scale + shift: with two vectors, whole rows of up to PLAIN_COLS bytes beat blocks.
-# On the same machine, kernels alone, 20 rounds in random order, one process per shape
-# and run, against the three-vector kernel: 1.22-1.49x faster on 1568x2048 float32
-# (eight processes), 1.08-1.27x on 8192x64 (four), 1.06-1.16x on 3136x1024 and 1.02x on
-# 6272x256 (two).  Wider rows keep the three-vector blocks, with a zero center: on
-# 1024x4096 whole rows took 0.86-1.02x, blocks of two vectors 0.91-1.17x, and in the
-# bench, four pairs of runs in turns, inference there took 0.98-1.39x the time with
-# them.  So do streamed outputs (not timed plain: memory sets their pace, and on
-# 100352x64, 25.7 MB and not streamed, whole rows of two vectors took 0.95-1.02x).
-PLAIN_COLS = 2 * COLS
+# The channels-last normalisation loads its per-channel vectors once for BAND rows, in
+# explicit vectors of VECTOR bytes (_affine_vectors).  LLVM's own vectorisation of the
+# row loop reloads them for every row, and did not vectorise a loop over four rows at a
+# time (its runtime alias checks gave up).  On an AMD EPYC (Zen 3, 32 KiB L1d), the
+# kernel alone, 11 rounds in random order, against the loops before (three-vector
+# blocks of 4 KiB of columns over 64 rows for wide rows, whole rows otherwise): see
+# the README ("Channels-last rows in bands").  Eight rows a time were 1.4x slower on
+# 1024x4096 (its 16 KiB rows put 16 streams in the same L1 sets); 32-byte vectors
+# were within noise of 64.  Rows narrower than BAND_BYTES keep LLVM's loop: their
+# vectors stay in L1, and bands took 1.1-1.45x its time on 8192x64 and 6272x256.  dx
+# (four vectors, two inputs) in bands took 1.06-1.11x its time, so it keeps whole rows.
+VECTOR = 64
+BAND = 4
+BAND_BYTES = 4096
 
 # The per-channel algebra, compiled: one call instead of a dozen small NumPy operations.
 # The loops over channels (see _algebra), with NumPy's error model: Python's checks each
@@ -580,56 +573,73 @@ def _block_dsums(gb, vb, mean, p1, p2):
     p2[:] = s2
 
 
-def _streamed(formula, n_in, lanes):
-    """An intrinsic ``f(*ins, out, i, *coefs, j)`` that computes one 32-byte vector of
-    out[i:] from ins[k][i:] and stores it non-temporally, past the cache; out + i must be
-    32-byte aligned, and ins and out contiguous from i.  The per-channel coefficients are
-    read at coefs[k][j:] if ``lanes`` (channels-last rows); else they are scalars, one
-    for every lane (a channels-first plane), and j is unused.  Scalars, not an array
-    and an index: a load from an array may alias the output, so LLVM reloaded the
-    coefficients for every vector (1.06x slower on the normalisation of 32x256x56x56,
-    1.07x on its dx).
+def _vectors(formula, n_in, lanes, rows=1, stream=False):
+    """An intrinsic ``f(*ins, out, r, c, *coefs)`` that computes one vector of out at
+    element c of each of ``rows`` rows from r on, from the same elements of ins[k]: 1-D
+    arrays (r is unused) or 2-D ones whose rows are contiguous, each with its own row
+    stride.  The per-channel coefficients are vectors at coefs[k][c:] if ``lanes``
+    (channels-last rows), loaded once for all the rows, and only those the formula asks
+    for (so a zero-length center can stand for zero); else they are scalars, one for
+    every lane (a channels-first plane).  Scalars, not an array and an index: a load
+    from an array may alias the output, so LLVM reloaded the coefficients for every
+    vector (1.06x slower on the normalisation of 32x256x56x56, 1.07x on its dx).
 
-    An ordinary store first reads the line it writes into the cache, so an element-wise
-    pass over an output larger than the cache moves three bytes for every two: streaming
-    stores made the normalisation of 100 MB 1.4-1.6x faster.  An output that fits in
-    cache would be evicted from it for whatever reads it next (and a first version that
-    streamed the 7x7 planes of a 12.8 MB input took 20x as long), hence STREAM_BYTES.
-    LLVM does not vectorise a loop of non-temporal scalar stores whose alignment it
-    cannot prove, so the vector is built here.
+    ``stream`` stores 32-byte vectors non-temporally, past the cache; out's vectors must
+    then be 32-byte aligned.  An ordinary store first reads the line it writes into the
+    cache, so an element-wise pass over an output larger than the cache moves three
+    bytes for every two: streaming stores made the normalisation of 100 MB 1.4-1.6x
+    faster.  An output that fits in cache would be evicted from it for whatever reads it
+    next (and a first version that streamed the 7x7 planes of a 12.8 MB input took 20x
+    as long), hence STREAM_BYTES.  LLVM does not vectorise a loop of non-temporal scalar
+    stores whose alignment it cannot prove, so the vector is built here.  Unstreamed
+    vectors are VECTOR bytes.
     """
     def codegen(context, builder, sig, vals):
-        dtype = sig.args[0].dtype
-        ft = context.get_value_type(dtype)
-        w = 32 // context.get_abi_sizeof(ft)
+        ft = context.get_value_type(sig.args[0].dtype)
+        w = (32 if stream else VECTOR) // context.get_abi_sizeof(ft)
         vt = ir.VectorType(ft, w)
-        i32 = ir.IntType(32)
+        i32, bytes_ = ir.IntType(32), ir.IntType(8).as_pointer()
+        r, c = vals[n_in + 1], vals[n_in + 2]
 
-        def ptr(k, index):
-            data = context.make_array(sig.args[k])(context, builder, vals[k]).data
-            return builder.bitcast(builder.gep(data, [index]), vt.as_pointer())
+        def ptr(k, row):
+            ary = context.make_array(sig.args[k])(context, builder, vals[k])
+            p = builder.gep(ary.data, [c])
+            if sig.args[k].ndim == 2:
+                stride = cgutils.unpack_tuple(builder, ary.strides, 2)[0]
+                offset = builder.mul(builder.add(r, r.type(row)), stride)
+                p = builder.gep(builder.bitcast(p, bytes_), [offset])
+            return builder.bitcast(p, vt.as_pointer())
+
+        loaded = {}
 
         def coef(k):
-            if lanes:
-                return builder.load(ptr(k, vals[-1]), align=1)
-            one = builder.insert_element(ir.Constant(vt, ir.Undefined), vals[k], i32(0))
-            return builder.shuffle_vector(one, one, ir.Constant(ir.VectorType(i32, w),
-                                                                [0] * w))
+            if k not in loaded:
+                v = vals[n_in + 3 + k]
+                if lanes:
+                    data = context.make_array(sig.args[n_in + 3 + k])(context, builder, v).data
+                    loaded[k] = builder.load(builder.bitcast(builder.gep(data, [c]),
+                                                             vt.as_pointer()), align=1)
+                else:
+                    one = builder.insert_element(ir.Constant(vt, ir.Undefined), v, i32(0))
+                    loaded[k] = builder.shuffle_vector(
+                        one, one, ir.Constant(ir.VectorType(i32, w), [0] * w))
+            return loaded[k]
 
-        ins = [builder.load(ptr(k, vals[n_in + 1]), align=1) for k in range(n_in)]
-        coefs = [coef(k) for k in range(n_in + 2, len(vals) - 1)]
-        result = formula(builder, ins, coefs)
-        store = builder.store(result, ptr(n_in, vals[n_in + 1]), align=32)
-        store.set_metadata("nontemporal", builder.module.add_metadata([i32(1)]))
+        for row in range(rows):
+            ins = [builder.load(ptr(k, row), align=1) for k in range(n_in)]
+            store = builder.store(formula(builder, ins, coef), ptr(n_in, row),
+                                  align=32 if stream else 1)
+            if stream:
+                store.set_metadata("nontemporal", builder.module.add_metadata([i32(1)]))
         return context.get_dummy_value()
 
     # Intrinsics need their arguments spelled out.
     if n_in == 1:
-        def typer(typingctx, x, out, i, m, a, b, j):
-            return nbtypes.void(x, out, i, m, a, b, j), codegen
+        def typer(typingctx, x, out, r, c, m, a, b):
+            return nbtypes.void(x, out, r, c, m, a, b), codegen
     else:
-        def typer(typingctx, g, v, out, i, a, b, m, d, j):
-            return nbtypes.void(g, v, out, i, a, b, m, d, j), codegen
+        def typer(typingctx, g, v, out, r, c, a, b, m, d):
+            return nbtypes.void(g, v, out, r, c, a, b, m, d), codegen
     return intrinsic(typer)
 
 
@@ -641,20 +651,26 @@ _sub, _mul, _add = (_fma_flags(f) for f in (ir.IRBuilder.fsub, ir.IRBuilder.fmul
                                               ir.IRBuilder.fadd))
 
 
-def _affine_formula(bd, ins, coefs):  # (x - m) * a + b
-    (x,), (m, a, b) = ins, coefs
-    return _add(bd, _mul(bd, _sub(bd, x, m), a), b)
+def _affine_formula(bd, ins, coef):  # (x - m) * a + b, coefs (m, a, b)
+    return _add(bd, _mul(bd, _sub(bd, ins[0], coef(0)), coef(1)), coef(2))
 
 
-def _dx_formula(bd, ins, coefs):  # dy * a + (x - m) * b + d
-    (g, v), (a, b, m, d) = ins, coefs
-    return _add(bd, _add(bd, _mul(bd, g, a), _mul(bd, _sub(bd, v, m), b)), d)
+def _plain_formula(bd, ins, coef):  # x * a + b: m unread, zero-length (affine_nhwc)
+    return _add(bd, _mul(bd, ins[0], coef(1)), coef(2))
 
 
-_stream_affine = _streamed(_affine_formula, 1, False)
-_stream_affine_rows = _streamed(_affine_formula, 1, True)
-_stream_dx = _streamed(_dx_formula, 2, False)
-_stream_dx_rows = _streamed(_dx_formula, 2, True)
+def _dx_formula(bd, ins, coef):  # dy * a + (x - m) * b + d, coefs (a, b, m, d)
+    (g, v) = ins
+    return _add(bd, _add(bd, _mul(bd, g, coef(0)), _mul(bd, _sub(bd, v, coef(2)), coef(1))),
+                coef(3))
+
+
+_stream_affine = _vectors(_affine_formula, 1, False, stream=True)
+_stream_affine_rows = _vectors(_affine_formula, 1, True, stream=True)
+_stream_dx = _vectors(_dx_formula, 2, False, stream=True)
+_stream_dx_rows = _vectors(_dx_formula, 2, True, stream=True)
+_affine_band, _affine_row = (_vectors(_affine_formula, 1, True, n) for n in (BAND, 1))
+_plain_band, _plain_row = (_vectors(_plain_formula, 1, True, n) for n in (BAND, 1))
 
 
 @intrinsic
@@ -701,7 +717,7 @@ def _stream_plane_affine(x, y, m, a, b, c, s0, s1):
     mc, ac, bc = m[c], a[c], b[c]
     _affine_run(x[s0:i], mc, ac, bc, y[s0:i])
     while i + w <= s1:
-        _stream_affine(x, y, i, mc, ac, bc, 0)
+        _stream_affine(x, y, 0, i, mc, ac, bc)
         i += w
     _affine_run(x[i:s1], mc, ac, bc, y[i:s1])
 
@@ -713,7 +729,7 @@ def _stream_plane_dx(g, v, o, a, b, m, d, c, s0, s1):
     mc, ac, bc, dc = m[c], a[c], b[c], d[c]
     _dx_run(g[s0:i], v[s0:i], mc, ac, bc, dc, o[s0:i])
     while i + w <= s1:
-        _stream_dx(g, v, o, i, ac, bc, mc, dc, 0)
+        _stream_dx(g, v, o, 0, i, ac, bc, mc, dc)
         i += w
     _dx_run(g[i:s1], v[i:s1], mc, ac, bc, dc, o[i:s1])
 
@@ -740,9 +756,8 @@ def _streams_rows(out, x):
 def _stream_rows_affine(x, m, a, b, y):
     w = 32 // y.itemsize
     for r in range(y.shape[0]):
-        base = r * (y.strides[0] // y.itemsize)
         for q in range(0, y.shape[1], w):
-            _stream_affine_rows(x, y, base + q, m, a, b, q)
+            _stream_affine_rows(x, y, r, q, m, a, b)
     _sfence()
 
 
@@ -750,28 +765,40 @@ def _stream_rows_affine(x, m, a, b, y):
 def _stream_rows_dx(g, v, m, a, b, d, o):
     w = 32 // o.itemsize
     for r in range(o.shape[0]):
-        base = r * (o.strides[0] // o.itemsize)
         for q in range(0, o.shape[1], w):
-            _stream_dx_rows(g, v, o, base + q, a, b, m, d, q)
+            _stream_dx_rows(g, v, o, r, q, a, b, m, d)
     _sfence()
 
 
 @njit(**_SEQ)
-def _affine_blocks(xb, m, a, b, yb):
-    """_affine_rows in blocks of COLS bytes of columns over ROWS rows (see COLS).
-
-    The loop is _affine_rows' own, not a call to it on each block's slices: with the
-    column slices it ran 2.3-3.4x slower (1024x4096, 1568x2048, float64 1024x2048).
-    """
+def _affine_vectors(xb, m, a, b, yb):
+    """_affine_rows, BAND rows at a time in vectors of VECTOR bytes (see VECTOR); rows
+    contiguous."""
     R, C = xb.shape
-    cb = COLS // xb.itemsize
-    for r0 in range(0, R, ROWS):
-        for c0 in range(0, C, cb):
-            for r in range(r0, min(R, r0 + ROWS)):
-                # Unsigned: a signed index not starting at 0 keeps Numba's negative-index
-                # check, and with it this loop did not vectorise (10x slower).
-                for c in range(np.uint64(c0), np.uint64(min(C, c0 + cb))):
-                    yb[r, c] = (xb[r, c] - m[c]) * a[c] + b[c]
+    w = VECTOR // xb.itemsize
+    cw = C - C % w
+    plain = m.shape[0] == 0
+    for r in range(0, R, BAND):
+        if r + BAND <= R:
+            for c in range(0, cw, w):
+                if plain:
+                    _plain_band(xb, yb, r, c, m, a, b)
+                else:
+                    _affine_band(xb, yb, r, c, m, a, b)
+        else:
+            for q in range(r, R):
+                for c in range(0, cw, w):
+                    if plain:
+                        _plain_row(xb, yb, q, c, m, a, b)
+                    else:
+                        _affine_row(xb, yb, q, c, m, a, b)
+        for q in range(r, min(R, r + BAND)):
+            # Unsigned: a signed index not starting at 0 keeps Numba's negative-index check.
+            for c in range(np.uint64(cw), np.uint64(C)):
+                if plain:
+                    yb[q, c] = xb[q, c] * a[c] + b[c]
+                else:
+                    yb[q, c] = (xb[q, c] - m[c]) * a[c] + b[c]
 
 
 @njit(**_SEQ)
@@ -791,7 +818,7 @@ def _affine_planes(xb, m, a, b, yb):
 @njit(**_SEQ)
 def _affine_rows(xb, m, a, b, yb):
     # Whole blocks of rows: a per-row slice would cost a view (and refcounting) per row.
-    if m.shape[0] == 0:  # a zero center (PLAIN_COLS)
+    if m.shape[0] == 0:  # a zero center (see affine_nhwc)
         for r in range(xb.shape[0]):
             for c in range(xb.shape[1]):
                 yb[r, c] = xb[r, c] * a[c] + b[c]
@@ -820,6 +847,7 @@ def _dx_rows(gb, vb, m, a, b, d, ob):
     for r in range(vb.shape[0]):
         for c in range(vb.shape[1]):
             ob[r, c] = gb[r, c] * a[c] + (vb[r, c] - m[c]) * b[c] + d[c]
+
 
 
 # ---------------------------------------------------------------- kernels
@@ -922,21 +950,25 @@ def affine_nchw(x, center, scale, shift, y, nthreads):
 
 @_kernel
 def affine_nhwc(x, center, scale, shift, y, nthreads):
-    """y = (x - center[c]) * scale[c] + shift[c] on (R, C) views; y may be x.  A
-    zero-length center is zero (see PLAIN_COLS)."""
+    """y = (x - center[c]) * scale[c] + shift[c] on (R, C) views; y may be x.
+
+    A zero-length center is zero: y = x * scale + shift, two per-channel vectors for
+    every element instead of three (_algebra.center_terms says when the means fold).
+    """
     R, C = x.shape
     k = max(1, min(R, 8 * nthreads))
     stream = _streams_rows(y, x)
-    wide = C * x.itemsize > (PLAIN_COLS if center.shape[0] == 0 else COLS)
-    if center.shape[0] == 0 and (stream or wide):
+    vectors = (C * x.itemsize >= BAND_BYTES and x.strides[1] == x.itemsize
+               and y.strides[1] == y.itemsize)
+    if center.shape[0] == 0 and stream:
         center = np.zeros(C, x.dtype)
     center, scale, shift = _aligned(center), _aligned(scale), _aligned(shift)
     for j in prange(k):
         r0, r1 = j * R // k, (j + 1) * R // k
         if stream:
             _stream_rows_affine(x[r0:r1], center, scale, shift, y[r0:r1])
-        elif wide:
-            _affine_blocks(x[r0:r1], center, scale, shift, y[r0:r1])
+        elif vectors:
+            _affine_vectors(x[r0:r1], center, scale, shift, y[r0:r1])
         else:
             _affine_rows(x[r0:r1], center, scale, shift, y[r0:r1])
 
@@ -1123,7 +1155,7 @@ def _with_algebra(algebra_hash):
         """
         _ = algebra_hash  # _coefficients is linked into this one's cached code
         center, scale, shift = _coefficients(mean, var, gamma, beta, eps, x.dtype)
-        if x.ndim == 2 and not center.any():  # see PLAIN_COLS
+        if x.ndim == 2 and not center.any():  # see affine_nhwc
             center = center[:0]
         if x.ndim == 3:
             if nthreads == 1:

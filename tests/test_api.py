@@ -594,10 +594,10 @@ def test_wide_channels_last_rows_match_reference(backend, rng, nthreads, C, dtyp
     np.testing.assert_array_equal(y[..., 0], np.broadcast_to(beta[0], y.shape[:-1]))
 
 
-# The channels-last normalisation takes rows of more than 4 KiB per per-channel vector
-# (1024 float32 or 512 float64 channels) in blocks of columns over groups of 64 rows
-# (_affine_blocks in the Numba backend): 520 rows give each task of 1 thread two row
-# groups, and 2053 channels end in a partial block.  One channel sits far from zero.
+# The channels-last normalisation takes rows of 4 KiB or more (1024 float32 or 512
+# float64 channels) four at a time in 64-byte vectors (_affine_vectors in the Numba
+# backend): 2053 channels end in a partial vector, and 520 rows split into tasks of 65
+# or 32-33 rows end in a partial band.  One channel sits far from zero.
 @pytest.mark.parametrize("nthreads", [1, 2])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("view", ["contiguous", "every other row"])
@@ -620,6 +620,32 @@ def test_wide_channels_last_normalisation_matches_reference(backend, rng, nthrea
     assert_close(yi, ref.batch_norm_infer(x, gamma, beta, rm, rv, layout="NHWC"), dtype, 10)
     assert_close(yt, ref.batch_norm_train(x, gamma, beta, layout="NHWC")[0], dtype, 10)
     assert_close(ya, ref.apply_affine(x, scale, shift, layout="NHWC"), dtype, 10)
+
+
+# The same rows in bands, every partial band (R rows split in tasks of 4-8 rows), with
+# the means folded (two vectors) or one subtracted (three), out of place and in place.
+@pytest.mark.parametrize("R", [32, 43, 50, 61])
+@pytest.mark.parametrize("far", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_channels_last_bands_match_reference_in_place_too(backend, rng, R, far, dtype):
+    before = bnf.get_num_threads()
+    C = 1031
+    x = rng.standard_normal((R, C)).astype(dtype)
+    if far:
+        x[:, 7] += 1e3
+    gamma, beta, rm, rv = make_params(rng, C, dtype)
+    rm[:], rv[:] = x.mean(axis=0), x.var(axis=0)
+    want = ref.batch_norm_infer(x, gamma, beta, rm, rv, layout="NHWC")
+    try:
+        bnf.set_num_threads(1)
+        y = bnf.batch_norm_infer(x, gamma, beta, rm, rv, layout="NHWC")
+        xi = x.copy()
+        yi = bnf.batch_norm_infer(xi, gamma, beta, rm, rv, layout="NHWC", out=xi)
+    finally:
+        bnf.set_num_threads(before)
+    assert yi is xi
+    assert_close(y, want, dtype, 10)
+    assert_close(yi, want, dtype, 10)
 
 
 # A mean within two standard deviations of zero goes into the shift (center 0), as in
