@@ -63,8 +63,9 @@ STREAM_BYTES = 1 << 26 if _X86 else sys.maxsize
 # blocks of 4 KiB of columns over 64 rows for wide rows, whole rows otherwise): see
 # the README ("Channels-last rows in bands").  Eight rows a time were 1.4x slower on
 # 1024x4096 (its 16 KiB rows put 16 streams in the same L1 sets); 32-byte vectors
-# were within noise of 64.  Rows narrower than BAND_BYTES keep LLVM's loop: their
-# vectors stay in L1, and bands took 1.1-1.45x its time on 8192x64 and 6272x256.  dx
+# were within noise of 64.  Rows of BAND_BYTES or less keep LLVM's loop: their vectors
+# stay in L1, and bands took 1.1-1.45x its time on 8192x64 and 6272x256, 0.87-1.18x
+# on 3136x1024 (four processes).  dx
 # (four vectors, two inputs) in bands took 1.06-1.11x its time, so it keeps whole rows.
 VECTOR = 64
 BAND = 4
@@ -958,7 +959,7 @@ def affine_nhwc(x, center, scale, shift, y, nthreads):
     R, C = x.shape
     k = max(1, min(R, 8 * nthreads))
     stream = _streams_rows(y, x)
-    vectors = (C * x.itemsize >= BAND_BYTES and x.strides[1] == x.itemsize
+    vectors = (C * x.itemsize > BAND_BYTES and x.strides[1] == x.itemsize
                and y.strides[1] == y.itemsize)
     if center.shape[0] == 0 and stream:
         center = np.zeros(C, x.dtype)

@@ -594,7 +594,7 @@ def test_wide_channels_last_rows_match_reference(backend, rng, nthreads, C, dtyp
     np.testing.assert_array_equal(y[..., 0], np.broadcast_to(beta[0], y.shape[:-1]))
 
 
-# The channels-last normalisation takes rows of 4 KiB or more (1024 float32 or 512
+# The channels-last normalisation takes rows wider than 4 KiB (1024 float32 or 512
 # float64 channels) four at a time in 64-byte vectors (_affine_vectors in the Numba
 # backend): 2053 channels end in a partial vector, and 520 rows split into tasks of 65
 # or 32-33 rows end in a partial band.  One channel sits far from zero.
