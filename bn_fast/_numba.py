@@ -65,8 +65,8 @@ STREAM_BYTES = 1 << 26 if _X86 else sys.maxsize
 # 1024x4096 (its 16 KiB rows put 16 streams in the same L1 sets); 32-byte vectors
 # were within noise of 64.  Rows of BAND_BYTES or less keep LLVM's loop: their vectors
 # stay in L1, and bands took 1.1-1.45x its time on 8192x64 and 6272x256, 0.87-1.18x
-# on 3136x1024 (four processes).  dx
-# (four vectors, two inputs) in bands took 1.06-1.11x its time, so it keeps whole rows.
+# on 3136x1024 (four processes).  dx (four vectors, two inputs) in bands took
+# 1.06-1.11x its time, so it keeps whole rows.
 VECTOR = 64
 BAND = 4
 BAND_BYTES = 4096
@@ -848,7 +848,6 @@ def _dx_rows(gb, vb, m, a, b, d, ob):
     for r in range(vb.shape[0]):
         for c in range(vb.shape[1]):
             ob[r, c] = gb[r, c] * a[c] + (vb[r, c] - m[c]) * b[c] + d[c]
-
 
 
 # ---------------------------------------------------------------- kernels
