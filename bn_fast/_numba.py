@@ -65,11 +65,15 @@ STREAM_BYTES = 1 << 26 if _X86 else sys.maxsize
 # 1024x4096 (its 16 KiB rows put 16 streams in the same L1 sets); 32-byte vectors
 # were within noise of 64.  Rows of BAND_BYTES or less keep LLVM's loop: their vectors
 # stay in L1, and bands took 1.1-1.45x its time on 8192x64 and 6272x256, 0.87-1.18x
-# on 3136x1024 (four processes).  dx (four vectors, two inputs) in bands took
+# on 3136x1024 (four processes).  With a zero-length center (two vectors), rows of up
+# to PLAIN_BAND_BYTES keep it too: on an AMD EPYC (Zen 5, 48 KiB L1d) bands took
+# 1.2-1.5x its time there (1568x2048, 2048x1536, 4096x1100, float64 3136x1024), though
+# 0.77-1.09x on Zen 3 at 1568x2048.  dx (four vectors, two inputs) in bands took
 # 1.06-1.11x its time, so it keeps whole rows.
 VECTOR = 64
 BAND = 4
 BAND_BYTES = 4096
+PLAIN_BAND_BYTES = 8192
 
 # The per-channel algebra, compiled: one call instead of a dozen small NumPy operations.
 # The loops over channels (see _algebra), with NumPy's error model: Python's checks each
@@ -793,6 +797,8 @@ def _affine_vectors(xb, m, a, b, yb):
                         _plain_row(xb, yb, q, c, m, a, b)
                     else:
                         _affine_row(xb, yb, q, c, m, a, b)
+        # _affine_rows' loop, not a call on the band's slices: with those, 1031x1025
+        # (one column left per band) took 1.08-1.10x the time.
         for q in range(r, min(R, r + BAND)):
             # Unsigned: a signed index not starting at 0 keeps Numba's negative-index check.
             for c in range(np.uint64(cw), np.uint64(C)):
@@ -958,7 +964,8 @@ def affine_nhwc(x, center, scale, shift, y, nthreads):
     R, C = x.shape
     k = max(1, min(R, 8 * nthreads))
     stream = _streams_rows(y, x)
-    vectors = (C * x.itemsize > BAND_BYTES and x.strides[1] == x.itemsize
+    band = PLAIN_BAND_BYTES if center.shape[0] == 0 else BAND_BYTES
+    vectors = (C * x.itemsize > band and x.strides[1] == x.itemsize
                and y.strides[1] == y.itemsize)
     if center.shape[0] == 0 and stream:
         center = np.zeros(C, x.dtype)
