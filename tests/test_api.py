@@ -624,8 +624,8 @@ def test_wide_channels_last_normalisation_matches_reference(backend, rng, nthrea
 
 # The same rows in bands, every partial band (R rows split in tasks of 4-8 rows), with
 # the means folded (two vectors) or one subtracted (three), out of place and in place.
-# Rows of 1031 channels are bands with three vectors (more than BAND_BYTES) and, but
-# for float64, whole rows with two; of 2053, bands with either (more than
+# Rows of 1031 channels go in bands with three vectors (more than BAND_BYTES) and in
+# whole rows with two (in bands in float64); of 2053, in bands with either (more than
 # PLAIN_BAND_BYTES).  Neither is a multiple of a vector: each band ends in a tail.
 @pytest.mark.parametrize("R", [32, 43, 50, 61])
 @pytest.mark.parametrize("C", [1031, 2053])
