@@ -137,9 +137,9 @@ ctypedef struct Moments:  # count, mean and sum of centred squares of some eleme
 
 cpdef enum:
     BLOCK = 4096  # elements per statistics block: 16-32 KiB, stays in L1
-    RUN = 4 * BLOCK  # channels-first statistics sum long planes in runs of this many (_numba.py)
+    RUN = 4 * BLOCK  # channels-first statistics in cache sum long planes in runs of this many
     WIDE = 1024  # channels from which channels-last statistics use _group_moments
-    FAR_BYTES = 1 << 25  # two-pass statistics of inputs this large prefetch (as in _numba.py)
+    FAR_BYTES = 1 << 25  # statistics of inputs this large are pipelined or prefetch (_numba.py)
     SHORT = 128  # float32 planes shorter than this: _batch_moments (as in _numba.py),
     SPAN = 16  # over at most this many batch entries at a time
     STREAM_BYTES = 1 << 26  # element-wise kernels stream outputs this large (where BN_STREAM)
@@ -263,13 +263,6 @@ cdef inline Moments _moments_run(const floating* v, Py_ssize_t n, Py_ssize_t sv,
     return _merge(acc, <double>n, m, q)
 
 
-cdef inline void _prefetch_run(const floating* v, Py_ssize_t n) noexcept nogil:
-    """Prefetch the first BLOCK of n contiguous elements (see _prefetch in _numba.py)."""
-    cdef Py_ssize_t j
-    for j in range((min(n, BLOCK) * sizeof(floating) + 63) // 64):
-        __builtin_prefetch(_in(v, j * 64), 0, 3)
-
-
 cdef inline Moments _plane_moments(const floating* v, Py_ssize_t n, Py_ssize_t sv,
                                    Moments acc) noexcept nogil:
     """Merge a run of n elements into acc, RUN elements at a time (see RUN in _numba.py)."""
@@ -282,6 +275,70 @@ cdef inline Moments _plane_moments(const floating* v, Py_ssize_t n, Py_ssize_t s
         else:
             acc = _moments_run(_in(v, lo * sv), w, sv, acc)
     return acc
+
+
+cdef inline double _squares_and_sum(const floating* v, Py_ssize_t nv, const floating* w,
+                                    Py_ssize_t nw, double m, double* e, double* s) noexcept nogil:
+    """Centred squares of contiguous v about m (returned; e: their deviations' sum, for
+    float64) and the sum s of contiguous w, in one loop (see _pipelined_moments)."""
+    cdef Py_ssize_t i, n = min(nv, nw)
+    cdef double q = 0.0, ev = 0.0, sw = 0.0, d
+    for i in range(n):
+        sw += w[i]
+        d = v[i] - m
+        q += d * d
+        if floating is double:
+            ev += d
+    for i in range(n, nv):
+        d = v[i] - m
+        q += d * d
+        if floating is double:
+            ev += d
+    for i in range(n, nw):
+        sw += w[i]
+    e[0] = ev
+    s[0] = sw
+    return q
+
+
+cdef inline const floating* _piece(const floating* x0, Py_ssize_t s0, Py_ssize_t s1,
+                                   Py_ssize_t C, Py_ssize_t S, Py_ssize_t k, Py_ssize_t j,
+                                   Py_ssize_t* c, Py_ssize_t* n) noexcept nogil:
+    """Piece j of the planes (contiguous, of S elements) cut into k pieces, counted in
+    memory order, as _piece in _numba.py: its start, its channel c and length n."""
+    cdef Py_ssize_t p = j // k, i = j - j // k * k
+    c[0] = p - p // C * C
+    n[0] = (i + 1) * S // k - i * S // k
+    return _in(x0, p // C * s0 + c[0] * s1) + i * S // k
+
+
+cdef void _pipelined_moments(const floating* x0, Py_ssize_t s0, Py_ssize_t s1, Py_ssize_t C,
+                             Py_ssize_t S, Py_ssize_t k, Py_ssize_t j0, Py_ssize_t j1,
+                             double* pn, double* pm, double* pq) noexcept nogil:
+    """Merge the moments of pieces j0:j1 into per-channel pn, pm, pq, summing each
+    piece during the squares pass over the one before (see _pipelined_moments in
+    _numba.py)."""
+    cdef Py_ssize_t i, j, c, n
+    cdef const floating* v = _piece(x0, s0, s1, C, S, k, j0, &c, &n)
+    cdef const floating* w = v
+    cdef Py_ssize_t c2 = c, n2 = n
+    cdef double s = 0.0, m, q, e = 0.0
+    cdef Moments acc
+    for i in range(n):
+        s += v[i]
+    for j in range(j0, j1):
+        m = s / n
+        if j + 1 < j1:
+            w = _piece(x0, s0, s1, C, S, k, j + 1, &c2, &n2)
+            q = _squares_and_sum(v, n, w, n2, m, &e, &s)
+        else:
+            q = _squares_and_sum(v, n, v, 0, m, &e, &s)
+        if floating is double:
+            m, q = m + e / n, max(q - e * e / n, 0.0)
+        acc.n, acc.m, acc.q = pn[c], pm[c], pq[c]
+        acc = _merge(acc, <double>n, m, q)
+        pn[c], pm[c], pq[c] = acc.n, acc.m, acc.q
+        v, c, n = w, c2, n2
 
 
 cdef inline void _add_planes(const floating* v, Py_ssize_t sv, Py_ssize_t S, double* acc,
@@ -617,7 +674,7 @@ cdef inline void _dx_stream(const floating* g, const floating* v, floating* o, P
 
 cdef inline bint _far_planes(Py_ssize_t size, Py_ssize_t S, Py_ssize_t itemsize) noexcept nogil:
     """As far in _plane_split of _numba.py: size elements are too many to be in cache,
-    and planes of S are long enough to prefetch, or to read four at a time."""
+    and planes of S are long enough to pipeline, or to read four at a time."""
     return size * itemsize >= FAR_BYTES and S * itemsize >= 4096
 
 
@@ -649,7 +706,7 @@ def stats_nchw(const floating[:, :, :] x, double[::1] mean, double[::1] var, int
     cdef Py_ssize_t nt = max(1, min(nthreads, N * C))
     cdef bint far = s2 == sizeof(floating) and _far_planes(N * C * S, S, sizeof(floating))
     cdef const floating* x0 = &x[0, 0, 0]
-    cdef Py_ssize_t k, p, p1, c, n, t, j, c0, c1
+    cdef Py_ssize_t k, p, p1, c, n, t, j, c0, c1, kp, J
     cdef Py_ssize_t cb = max(1, min(C, BLOCK // max(S, 1))), ns, nb
     cdef Moments acc
     cdef double[:, :, ::1] parts  # one array: three took 1 us more of a 3 us call
@@ -673,14 +730,21 @@ def stats_nchw(const floating[:, :, :] x, double[::1] mean, double[::1] var, int
             return
     parts = np.zeros((3, nt, C))
     pn, pm, pq = parts[0], parts[1], parts[2]
+    if far:  # pieces of at most BLOCK elements, each summed while the one before is squared
+        kp = (S + BLOCK - 1) // BLOCK
+        J = N * C * kp
+        with nogil:
+            for k in prange(nt, num_threads=nthreads, schedule="static"):
+                _pipelined_moments(x0, s0, s1, C, S, kp, k * J // nt, (k + 1) * J // nt,
+                                   &pn[k, 0], &pm[k, 0], &pq[k, 0])
+            _reduce_moments(pn, pm, pq, mean, var)
+        return
     with nogil:
         for k in prange(nt, num_threads=nthreads, schedule="static"):
             p1 = (k + 1) * N * C // nt
             for p in range(k * N * C // nt, p1):
                 n = p // C
                 c = p - n * C
-                if far and p + 1 < p1:
-                    _prefetch_run(_in(x0, (p + 1) // C * s0 + (p + 1) % C * s1), S)
                 acc.n, acc.m, acc.q = pn[k, c], pm[k, c], pq[k, c]
                 acc = _plane_moments(_in(x0, n * s0 + c * s1), S, s2, acc)
                 pn[k, c], pm[k, c], pq[k, c] = acc.n, acc.m, acc.q

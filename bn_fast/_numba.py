@@ -41,14 +41,12 @@ _FM = {"reassoc", "contract", "nsz"}
 _PAR = dict(parallel=True, cache=True, nogil=True, fastmath=_FM)
 _SEQ = dict(cache=True, nogil=True, fastmath=_FM)
 BLOCK = 4096  # elements per statistics block: 16-32 KiB, stays in L1
-# Channels-first statistics sum long planes in runs of this many, the second pass from L2,
-# and prefetch only the next planes, not the next run: on an AMD EPYC (Zen 5),
-# 4096-element runs with the next one prefetched took 1.4-1.6x as long on 32x64x112x112
-# (see _prefetch).
+# Channels-first statistics of inputs in cache sum long planes in runs of this many, the
+# second pass from L2 (inputs out of cache are pipelined: see _pipelined_moments).
 RUN = 4 * BLOCK
 WIDE = 1024  # channels from which channels-last statistics use _group_moments,
 GROUP = 8  # in groups of this many rows (8 was 1.1-1.4x faster than 4 on 1024-8192)
-FAR_BYTES = 1 << 25  # statistics of inputs this large prefetch (see _prefetch)
+FAR_BYTES = 1 << 25  # statistics of inputs this large are pipelined or prefetch
 SHORT = 128  # float32 planes shorter than this get their statistics from _batch_moments,
 SPAN = 16  # over at most this many batch entries at a time
 # Element-wise kernels store outputs this large past the cache (_vectors); x86 only,
@@ -193,8 +191,9 @@ def _plane_split(x, nthreads):
     """(parts, far) for channels-first reductions, which read the N * C planes in memory
     order, part k of the planes on thread k: reading one channel's planes one after the
     other (3 MB apart on 32x256x56x56) made the gradient sums 1.2x slower.  far: x is
-    too large to be in cache, and planes are long enough to prefetch the next ones and,
-    for the gradient sums, to read four at a time (see _prefetch, _planes_dsums4)."""
+    too large to be in cache, and planes are long enough for the statistics to be
+    pipelined and the gradient sums to read four at a time (see _pipelined_moments,
+    _planes_dsums4)."""
     N, C, S = x.shape
     far = x.size * x.itemsize >= FAR_BYTES and S * x.itemsize >= 4096
     return max(1, min(nthreads, N * C)), far
@@ -217,9 +216,8 @@ def _prefetch(typingctx, a, i):
     Two-pass statistics alternate a pass over memory with a pass over cache, during
     which the hardware prefetcher, driven by misses, has nothing to go on: prefetching
     the next block before that once made channels-first statistics of 100 MB 1.4x
-    faster.  On an AMD EPYC (Zen 5) guest, within long planes, it made them slower than
-    the hardware prefetcher alone (one prefetch per line of the next 16 KB, issued at
-    once), so there they no longer use it (see RUN); they still prefetch the next planes.
+    faster.  The channels-last ones still do; the channels-first ones are pipelined
+    instead (see _pipelined_moments).
     """
     def codegen(context, builder, sig, args):
         data = context.make_array(sig.args[0])(context, builder, args[0]).data
@@ -235,27 +233,11 @@ def _prefetch(typingctx, a, i):
 
 
 @njit(**_SEQ)
-def _prefetch_planes(x, p, p1, C, cb):
-    """Prefetch what _planes(p, p1, C, cb) will next hand out (nothing past p1)."""
-    if p >= p1:
-        return
-    n, c0, c1 = _planes(p, p1, C, cb)
-    _prefetch_run(x[n, c0:c1])
-
-
-@njit(**_SEQ)
 def _prefetch_rows(v, r0, r1):
     """Prefetch rows r0:r1 of a 2-D array."""
     for i in range(r0, r1):
         for b in range(0, v.shape[1] * v.strides[1], 64):
             _prefetch(v, i * v.strides[0] + b)
-
-
-@njit(**_SEQ)
-def _prefetch_run(v):
-    """Prefetch the first BLOCK elements of contiguous v."""
-    for b in range(0, min(v.size, BLOCK) * v.itemsize, 64):
-        _prefetch(v, b)
 
 
 @njit(**_SEQ)
@@ -280,12 +262,16 @@ def _corrected(m, q, e, n):
 
 
 @njit(**_SEQ)
-def _moments(v):
-    """Mean and sum of centred squares of a 1-D run, two passes (short runs: in L1)."""
+def _sum(v):
     s = 0.0
     for i in range(v.shape[0]):
         s += v[i]
-    m = s / v.shape[0]
+    return s
+
+
+@njit(**_SEQ)
+def _squares(v, m):
+    """Sum of squared deviations of 1-D v from m, and (float64 data) of the deviations."""
     q = 0.0
     e = 0.0
     for i in range(v.shape[0]):
@@ -293,9 +279,73 @@ def _moments(v):
         q += d * d
         if v.itemsize == 8:
             e += d
+    return q, e
+
+
+@njit(**_SEQ)
+def _moments(v):
+    """Mean and sum of centred squares of a 1-D run, two passes (short runs: in L1)."""
+    m = _sum(v) / v.shape[0]
+    q, e = _squares(v, m)
     if v.itemsize == 8:
         return _corrected(m, q, e, v.shape[0])
     return m, q
+
+
+@njit(**_SEQ)
+def _squares_and_sum(v, w, m):
+    """_squares(v, m) and _sum(w) in one loop over both."""
+    n = min(v.shape[0], w.shape[0])
+    q = 0.0
+    e = 0.0
+    s = 0.0
+    for i in range(n):
+        s += w[i]
+        d = v[i] - m
+        q += d * d
+        if v.itemsize == 8:
+            e += d
+    q2, e2 = _squares(v[n:], m)
+    return q + q2, e + e2, s + _sum(w[n:])
+
+
+@njit(**_SEQ)
+def _piece(x, j, k):
+    """(channel, run) of piece j of an (N, C, S) view whose planes are cut into k pieces,
+    counted in memory order."""
+    N, C, S = x.shape
+    p = j // k
+    i = j - p * k
+    n = p // C
+    c = p - n * C
+    return c, x[n, c, i * S // k:(i + 1) * S // k]
+
+
+@njit(**_SEQ)
+def _pipelined_moments(x, j0, j1, k, pn, pm, pq):
+    """Merge the moments of pieces j0:j1 (see _piece) into per-channel pn, pm, pq.
+
+    Each piece is summed during the squares pass over the piece before it.  Summing a
+    block from memory and then squaring it from cache, as _moments does, leaves memory
+    idle during the second pass, and the hardware prefetcher, which follows misses,
+    idle with it.  On an AMD EPYC (Zen 5) guest, against the runs of RUN with the next
+    planes prefetched, channels-first statistics of 100 MB took 1.88-1.90x less time
+    this way on 32x256x56x56 (1 and 2 threads), 1.20-1.22x on 32x64x112x112 and
+    1.06-1.18x on 32x256x56x56 float64; in Cython 1.27-1.41x (one process, in turns).
+    """
+    c, v = _piece(x, j0, k)
+    s = _sum(v)
+    for j in range(j0, j1):
+        m = s / v.shape[0]
+        c2, w = _piece(x, min(j + 1, j1 - 1), k)
+        if j + 1 < j1:
+            q, e, s = _squares_and_sum(v, w, m)
+        else:
+            q, e = _squares(v, m)
+        if x.itemsize == 8:
+            m, q = _corrected(m, q, e, v.shape[0])
+        pn[c], pm[c], pq[c] = _merge(pn[c], pm[c], pq[c], float(v.shape[0]), m, q)
+        c, v = c2, w
 
 
 @njit(**_SEQ)
@@ -883,13 +933,18 @@ def stats_nchw(x, mean, var, nthreads):
     pn = np.zeros((nt, C))
     pm = np.zeros((nt, C))
     pq = np.zeros((nt, C))
+    if far:  # pieces of at most BLOCK elements, each summed while the one before is squared
+        k = (S + BLOCK - 1) // BLOCK
+        J = N * C * k
+        for t in prange(nt):
+            _pipelined_moments(x, t * J // nt, (t + 1) * J // nt, k, pn[t], pm[t], pq[t])
+        _reduce_moments(pn, pm, pq, mean, var)
+        return
     for k in prange(nt):
         p0, p1 = k * N * C // nt, (k + 1) * N * C // nt
         p = p0
         while p < p1:
             n, c0, c1 = _planes(p, p1, C, cb)
-            if far:
-                _prefetch_planes(x, c1 + n * C, p1, C, cb)
             _planes_moments(x[n, c0:c1], pn[k, c0:c1], pm[k, c0:c1], pq[k, c0:c1])
             p += c1 - c0
     _reduce_moments(pn, pm, pq, mean, var)

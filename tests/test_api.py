@@ -495,13 +495,15 @@ def test_nchw_fused_blocks_of_channels_match_reference(backend, rng, dtype):
 
 
 # Channels-first inputs the separate passes serve, whose reductions split the N * C
-# planes in memory order between the threads.  The statistics sum long planes in runs
-# of RUN elements (1031x1093: 68 and a part), the statistics of inputs of 32 MiB or more
-# prefetch the next planes, and outputs of 64 MiB or more are written with
-# streaming stores from each plane's first 32-byte boundary: 1031x1093 planes (15,
-# split 7 and 8) start at every alignment and end mid-vector, 56x56 ones are whole
-# vectors.  Short planes (7x11) go in blocks of 13, and the split of 429 planes between
-# two threads falls inside one.  Channel 0 is constant, one sits far from zero.
+# planes in memory order between the threads.  Inputs of 32 MiB or more get their
+# statistics in pieces of at most BLOCK elements, each summed while the one before is
+# squared (1031x1093 planes: 276 pieces of 4082 or 4083, the threads' split inside a
+# plane; 56x56 ones: one piece each); smaller ones in runs of RUN elements.  Outputs of
+# 64 MiB or more are written with streaming stores from each plane's first 32-byte
+# boundary: 1031x1093 planes (15, split 7 and 8) start at every alignment and end
+# mid-vector, 56x56 ones are whole vectors.  Short planes (7x11) go in blocks of 13,
+# and the split of 429 planes between two threads falls inside one.  Channel 0 is
+# constant, one sits far from zero.
 @pytest.mark.parametrize("shape", [(3, 5, 1031, 1093), (140, 40, 56, 56), (33, 13, 7, 11)])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_channels_first_separate_passes_match_reference(backend, rng, shape, dtype):
